@@ -1,0 +1,70 @@
+"""The `mm` command: a table of contents. Each command lives in its own module and stays thin."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from typing import Annotated
+
+import click
+import typer
+from rich.markup import escape
+
+from trimodal import __version__
+from trimodal.cli import demo, download, info, shard, validate
+from trimodal.cli.console import err_console
+from trimodal.errors import TrimodalError
+
+app = typer.Typer(
+    name="mm",
+    help="Turn image / text / speech datasets into shards and cached features; train and evaluate retrieval models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+_state = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"mm (trimodal) {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback of an error.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    _state["debug"] = debug
+
+
+app.command("download")(download.download)
+app.command("validate")(validate.validate)
+app.command("shard")(shard.shard)
+app.command("info")(info.info)
+app.command("demo")(demo.demo)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `mm` with `argv` and return its exit status; known failures become one red line."""
+    command = typer.main.get_command(app)
+    try:
+        status = command.main(args=argv, prog_name="mm", standalone_mode=False)
+    except click.ClickException as error:
+        error.show()
+        return error.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        err_console.print("[red]interrupted[/red]")
+        return 130
+    except TrimodalError as error:
+        if _state["debug"]:
+            traceback.print_exc()
+        err_console.print(f"[red]error:[/red] {escape(str(error))}")
+        return error.exit_code
+    return status if isinstance(status, int) else 0
+
+
+def run() -> None:
+    sys.exit(main())

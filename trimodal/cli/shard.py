@@ -1,0 +1,43 @@
+"""`mm shard NAME --root DIR --out OUT`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from trimodal.cli.console import Root, Workers, console, human_bytes, reporter, warn
+from trimodal.pipeline.shard import ShardOptions, shard_dataset
+
+
+def shard(
+    name: Annotated[str, typer.Argument(help="Dataset: flickr8k (joined with facc when present) or mini.")],
+    root: Root,
+    out: Annotated[Path, typer.Option("--out", help="Output folder for <split>-%06d.tar and index.json.")],
+    max_samples: Annotated[int, typer.Option("--max-samples", help="At most this many samples per shard.")] = 1000,
+    max_mb: Annotated[float, typer.Option("--max-mb", help="At most this many MB per shard.")] = 500.0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the training split's sample order.")] = 0,
+    workers: Workers = 1,
+    max_bad: Annotated[float, typer.Option("--max-bad", help="Fail when more than this fraction of samples "
+                                           "or utterances is bad.")] = 0.001,
+) -> None:
+    """Write deterministic, resumable webdataset shards: one sample per image with all its captions.
+
+    Example: mm shard flickr8k --root data --out shards/flickr8k --workers 2
+    """
+    options = ShardOptions(max_samples=max_samples, max_mb=max_mb, seed=seed, max_bad=max_bad, workers=workers)
+    with reporter() as progress:
+        index = shard_dataset(name, root, out, options, reporter=progress)
+    if "audio" not in index["modalities"]:
+        warn(f"no spoken captions found for {name} (download facc into the same --root to add them)")
+    table = Table(title=f"{name} → {out}")
+    for column in ("split", "samples", "captions", "utterances", "shards", "size"):
+        table.add_column(column, justify="right" if column != "split" else "left")
+    for split, info in index["splits"].items():
+        table.add_row(split, f"{info['samples']:,}", f"{info['captions']:,}", f"{info['utterances']:,}",
+                      str(len(info["shards"])), human_bytes(sum(s["bytes"] for s in info["shards"])))
+    console.print(table)
+    if index["skipped"]:
+        warn(f"{len(index['skipped'])} item(s) skipped; listed under 'skipped' in {out / 'index.json'}")

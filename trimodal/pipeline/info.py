@@ -1,0 +1,67 @@
+"""`mm info`: what a shard folder holds, or what a raw dataset root has downloaded."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from trimodal.errors import TrimodalError
+from trimodal.pipeline.download import DOWNLOADS, MARKER, read_marker
+from trimodal.pipeline.manifest import available
+from trimodal.pipeline.shard import INDEX, read_index
+
+
+def describe(path: Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise TrimodalError(f"{path} does not exist")
+    if (path / INDEX).is_file():
+        return describe_shards(path)
+    if (path / MARKER).is_file():  # a dataset folder itself: describe its root, this dataset only
+        return describe_root(path.parent, only=path.name)
+    return describe_root(path)
+
+
+def describe_shards(path: Path) -> dict:
+    index = read_index(path)
+    splits = {}
+    missing = []
+    for name, split in index["splits"].items():
+        for shard in split["shards"]:
+            tar = path / shard["name"]
+            if not tar.is_file() or tar.stat().st_size != shard["bytes"]:
+                missing.append(shard["name"])
+        splits[name] = {"samples": split["samples"], "captions": split["captions"], "utterances": split["utterances"],
+                        "shards": len(split["shards"]), "bytes": sum(s["bytes"] for s in split["shards"])}
+    return {"kind": "shards", "path": str(path), "dataset": index["dataset"], "format": index["format"],
+            "modalities": index.get("modalities", []), "args": index.get("args", {}), "splits": splits,
+            "skipped": len(index.get("skipped", [])), "missing_or_changed_shards": missing}
+
+
+def describe_root(root: Path, only: str | None = None) -> dict:
+    datasets = []
+    for name in available():
+        if only and name != only:
+            continue
+        folder = root / name
+        if not folder.exists():
+            continue
+        marker = read_marker(root, name)
+        files, size = _tree_size(folder)
+        datasets.append({"name": name, "status": "complete" if marker else "incomplete", "files": files,
+                         "bytes": size, "verified": bool(marker and (marker.get("verified") or marker.get("synthetic")))})
+    partial = sorted(p.name for p in (root / DOWNLOADS).glob("*.part")) if (root / DOWNLOADS).is_dir() else []
+    if not datasets and not partial:
+        raise TrimodalError(f"{root} is neither a shard folder (no {INDEX}) nor a dataset root "
+                            f"(no {', '.join(available())} folder inside)")
+    return {"kind": "raw", "path": str(root), "datasets": datasets, "partial_downloads": partial}
+
+
+def _tree_size(folder: Path) -> tuple[int, int]:
+    files = size = 0
+    for directory, _, names in os.walk(folder):
+        for name in names:
+            if not name.startswith("."):
+                files += 1
+                size += os.path.getsize(os.path.join(directory, name))
+    return files, size

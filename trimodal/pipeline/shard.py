@@ -1,0 +1,421 @@
+"""`mm shard`: deterministic, resumable webdataset tars of (image, captions, spoken captions) samples.
+
+Each tar is planned from the file listing before anything is read, written as `*.tmp` and renamed, and
+recorded in a sidecar (`OUT/.shards/<name>.json`) with a fingerprint of its inputs; a rerun skips every
+shard whose sidecar matches. `index.json` is written last, and only when the bad fraction is acceptable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import random
+import re
+import tarfile
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from trimodal import __version__
+from trimodal.errors import ConfigError, DatasetLayoutError, ShardError
+from trimodal.pipeline.checks import image_problem, wav_problem
+from trimodal.pipeline.samples import SPLITS, Sample
+from trimodal.pipeline.sources import scan_source
+from trimodal.progress import SILENT, Reporter, Task
+
+FORMAT = "trimodal-shards/1"
+INDEX = "index.json"
+SIDECARS = ".shards"
+TAR_MTIME = 1_577_836_800  # 2020-01-01: fixed, so the same inputs give byte-identical tars
+SHARD_NAME = re.compile(r"(?P<split>[a-z]+)-(?P<number>\d{6})\.tar")
+# Annotation problems that make the samples themselves uncertain: sharding stops on them.
+FATAL_KINDS = {"missing_file", "malformed_line", "duplicate_caption", "split_overlap"}
+
+
+@dataclass(frozen=True)
+class ShardOptions:
+    max_samples: int = 1000
+    max_mb: float = 500.0
+    seed: int = 0
+    max_bad: float = 0.001
+    min_train_shards: int = 4
+    workers: int = 1
+
+    def check(self) -> None:
+        problems = []
+        if self.max_samples < 1:
+            problems.append(f"--max-samples must be at least 1 (got {self.max_samples})")
+        if self.max_mb <= 0:
+            problems.append(f"--max-mb must be positive (got {self.max_mb})")
+        if not 0 <= self.max_bad <= 1:
+            problems.append(f"--max-bad is a fraction between 0 and 1 (got {self.max_bad})")
+        if self.workers < 1:
+            problems.append(f"--workers must be at least 1 (got {self.workers})")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def args(self) -> dict:
+        """The options that shape the output (the worker count does not)."""
+        values = asdict(self)
+        del values["workers"]
+        return values
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    dataset: str
+    split: str
+    name: str
+    samples: tuple[Sample, ...]
+    audio_source: str | None  # the dataset the spoken captions come from, None without audio
+    fingerprint: str
+
+
+def shard_dataset(name: str, root: Path, out: Path, options: ShardOptions = ShardOptions(), *,
+                  reporter: Reporter = SILENT) -> dict:
+    """Write `out/<split>-%06d.tar` for every split of `root/name` and return the index it wrote."""
+    options.check()
+    root, out = Path(root), Path(out)
+    scan = scan_source(name, root)
+    fatal = [p for p in scan.problems if p.severity == "error" and p.kind in FATAL_KINDS]
+    if fatal:
+        examples = "; ".join(f"{p.file}{':' + str(p.line) if p.line else ''}: {p.detail}" for p in fatal[:5])
+        raise DatasetLayoutError(f"{len(fatal)} problem(s) in the annotation files of {root / name}: {examples}; "
+                                 f"run `mm validate {name} --root {root}` for the full list")
+    audio_source = None
+    if scan.layout.facc_dir is not None:
+        audio_source = "facc" if scan.layout.facc_dir.parent.name == "facc" else name
+
+    jobs = _plan_jobs(name, scan.samples, audio_source, options)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SIDECARS).mkdir(exist_ok=True)
+    (out / INDEX).unlink(missing_ok=True)
+    _remove_stale(out, {job.name for job in jobs})
+
+    records = {}
+    pending = []
+    for job in jobs:
+        record = _completed_record(out, job)
+        if record is not None:
+            records[job.name] = record
+        else:
+            pending.append(job)
+    total = sum(len(job.samples) for job in jobs)
+    with reporter.task(f"shard {name}", total=total, unit="samples") as task:
+        task.advance(sum(len(job.samples) for job in jobs if job.name in records))
+        for record in _run(pending, out, options.workers, task):
+            records[record["entry"]["name"]] = record
+
+    index = _build_index(name, root, scan, jobs, records, options)
+    totals = index["totals"]
+    too_many = []
+    for what in ("samples", "utterances"):
+        planned, bad = totals[f"planned_{what}"], totals[f"bad_{what}"]
+        if planned and bad / planned > options.max_bad:
+            too_many.append(f"{bad} of {planned} {what} ({bad / planned:.2%})")
+    if too_many:
+        examples = "; ".join(f"{s['key']} {s['file']}: {s['reason']}" for s in index["skipped"][:10])
+        raise ShardError(f"too many bad inputs: {' and '.join(too_many)} are bad, more than --max-bad "
+                         f"{options.max_bad}; no {INDEX} written. Bad: {examples}"
+                         + (f" … and {len(index['skipped']) - 10} more" if len(index["skipped"]) > 10 else ""))
+    _write_json_atomic(out / INDEX, index)
+    return index
+
+
+def sample_bytes(sample: Sample) -> int:
+    """Approximate bytes the sample takes in a tar: member headers, padded payloads, text and json."""
+    paths = [sample.image] + [caption.audio for caption in sample.captions]
+    size = 4 * 512 + sum(len(caption.text) + 80 for caption in sample.captions)
+    for path in paths:
+        if path is not None:
+            try:
+                size += 512 + math.ceil(path.stat().st_size / 512) * 512
+            except OSError:
+                pass
+    return size
+
+
+def plan_shards(sizes: list[int], max_samples: int, max_bytes: float, min_shards: int = 1) -> list[tuple[int, int]]:
+    """Row ranges [start, end) of consecutive samples per shard: even counts, within both limits."""
+    count = len(sizes)
+    if count == 0:
+        return []
+    shards = min(count, max(math.ceil(count / max_samples), math.ceil(sum(sizes) / max_bytes), min_shards))
+    per_shard = math.ceil(count / shards)
+    bounds, start, filled = [], 0, 0
+    for row, size in enumerate(sizes):
+        if row > start and (row - start >= per_shard or filled + size > max_bytes):
+            bounds.append((start, row))
+            start, filled = row, 0
+        filled += size
+    bounds.append((start, count))
+    return bounds
+
+
+def _plan_jobs(dataset: str, samples: list[Sample], audio_source: str | None, options: ShardOptions) -> list[ShardJob]:
+    jobs = []
+    for split in SPLITS:
+        members = sorted((s for s in samples if s.split == split), key=lambda s: s.key)
+        if split == "train":
+            random.Random(f"{options.seed}:{split}").shuffle(members)
+        sizes = [sample_bytes(sample) for sample in members]
+        min_shards = options.min_train_shards if split == "train" and len(members) >= 40 else 1
+        for number, (start, end) in enumerate(plan_shards(sizes, options.max_samples, options.max_mb * 1e6, min_shards)):
+            chunk = tuple(members[start:end])
+            name = f"{split}-{number:06d}.tar"
+            jobs.append(ShardJob(dataset, split, name, chunk, audio_source, _fingerprint(dataset, split, name, chunk, audio_source)))
+    return jobs
+
+
+def _fingerprint(dataset: str, split: str, name: str, samples: tuple[Sample, ...], audio_source: str | None) -> str:
+    def stat(path: Path | None):
+        if path is None:
+            return None
+        try:
+            info = path.stat()
+            return [str(path), info.st_size, info.st_mtime_ns]
+        except OSError:
+            return [str(path), None]
+
+    described = [FORMAT, dataset, split, name, audio_source]
+    for sample in samples:
+        described.append([sample.key, stat(sample.image), sample.meta.get("image_file"),
+                          [[c.id, c.text, c.speaker, stat(c.audio)] for c in sample.captions]])
+    return hashlib.sha256(json.dumps(described).encode()).hexdigest()
+
+
+def _completed_record(out: Path, job: ShardJob) -> dict | None:
+    try:
+        record = json.loads((out / SIDECARS / (job.name + ".json")).read_text(encoding="utf-8"))
+        if record["fingerprint"] == job.fingerprint and (out / job.name).stat().st_size == record["entry"]["bytes"]:
+            return record
+    except (OSError, ValueError, KeyError):
+        pass
+    return None
+
+
+def _remove_stale(out: Path, planned: set[str]) -> None:
+    """Shards of an earlier plan (other sizes or seed) would be read as part of this set: remove them."""
+    for path in out.iterdir():
+        if (SHARD_NAME.fullmatch(path.name) or path.name.endswith(".tar.tmp")) and path.name not in planned:
+            path.unlink()
+            (out / SIDECARS / (path.name + ".json")).unlink(missing_ok=True)
+
+
+def _run(jobs: list[ShardJob], out: Path, workers: int, task: Task):
+    if workers == 1 or len(jobs) <= 1:
+        for job in jobs:
+            yield write_shard(job, out, task.advance)
+        return
+    context = multiprocessing.get_context("spawn")
+    ticks = context.Queue()
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context,
+                             initializer=_worker_init, initargs=(ticks,)) as pool:
+        pending = {pool.submit(_write_shard_in_worker, job, out) for job in jobs}
+        while pending:
+            done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+            while not ticks.empty():
+                task.advance(ticks.get())
+            for future in done:
+                yield future.result()
+
+
+_worker_ticks = None
+
+
+def _worker_init(ticks) -> None:
+    global _worker_ticks
+    _worker_ticks = ticks
+
+
+def _write_shard_in_worker(job: ShardJob, out: Path) -> dict:
+    return write_shard(job, out, _worker_ticks.put)
+
+
+class _HashingSink:
+    """A write-only file object that hashes and counts what passes through it."""
+
+    def __init__(self, raw):
+        self._raw, self.sha256, self.size = raw, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self._raw.write(data)
+        self.sha256.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.size
+
+
+def write_shard(job: ShardJob, out: Path, advance=lambda n: None) -> dict:
+    """Write one tar atomically, then its sidecar; returns the sidecar record."""
+    temporary = out / (job.name + ".tmp")
+    skipped: list[dict] = []
+    counts = {"samples": 0, "captions": 0, "utterances": 0, "bad_samples": 0, "bad_utterances": 0,
+              "planned_samples": len(job.samples), "planned_utterances": 0}
+    keys = []
+    try:
+        with open(temporary, "wb") as raw:
+            sink = _HashingSink(raw)
+            with tarfile.open(fileobj=sink, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                for number, sample in enumerate(job.samples, start=1):
+                    members = _sample_members(job, sample, skipped, counts)
+                    if members is not None:
+                        keys.append(sample.key)
+                        for member_name, data in members:
+                            _add_member(tar, member_name, data)
+                    if number % 16 == 0 or number == len(job.samples):
+                        advance(16 if number % 16 == 0 else number % 16)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(temporary, out / job.name)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise ShardError(f"cannot write {out / job.name}: {error.strerror or error}") from error
+    entry = {"name": job.name, "samples": counts["samples"], "captions": counts["captions"],
+             "utterances": counts["utterances"], "bytes": sink.size, "sha256": sink.sha256.hexdigest(),
+             "first_key": keys[0] if keys else None, "last_key": keys[-1] if keys else None}
+    record = {"fingerprint": job.fingerprint, "split": job.split, "entry": entry, "skipped": skipped,
+              **{k: counts[k] for k in ("bad_samples", "bad_utterances", "planned_samples", "planned_utterances")}}
+    _write_json_atomic(out / SIDECARS / (job.name + ".json"), record)
+    return record
+
+
+def _sample_members(job: ShardJob, sample: Sample, skipped: list[dict], counts: dict) -> list[tuple[str, bytes]] | None:
+    """The tar members of one sample, or None when its image is missing or does not decode."""
+    image_file = sample.meta.get("image_file") or str(sample.image)
+    if job.audio_source is not None:
+        counts["planned_utterances"] += len(sample.captions)
+    reason = None
+    try:
+        image = sample.image.read_bytes() if sample.image is not None else None
+        if image is None:
+            reason = "no image"
+    except OSError as error:
+        image, reason = None, "image missing" if isinstance(error, FileNotFoundError) else f"cannot read: {error.strerror}"
+    if reason is None:
+        problem = image_problem(image)
+        reason = f"corrupt image: {problem}" if problem else None
+    if reason is not None:
+        skipped.append({"key": sample.key, "file": image_file, "reason": reason})
+        counts["bad_samples"] += 1
+        counts["bad_utterances"] += len(sample.captions) if job.audio_source else 0
+        return None
+
+    suffix = sample.image.suffix.lower().lstrip(".") or "jpg"
+    members = [(f"{sample.key}.{'jpg' if suffix == 'jpeg' else suffix}", image)]
+    caption_records, wavs = [], []
+    for caption in sample.captions:
+        wav_member = None
+        if job.audio_source is not None:
+            audio, why = _read_wav(caption)
+            if audio is None:
+                skipped.append({"key": sample.key, "file": str(caption.audio.name if caption.audio else
+                                                                f"{sample.key}_{caption.id}.wav"), "reason": why})
+                counts["bad_utterances"] += 1
+            else:
+                wav_member = f"{caption.id}.wav"
+                wavs.append((f"{sample.key}.{wav_member}", audio))
+        caption_records.append({"id": caption.id, "text": caption.text, "speaker": caption.speaker if wav_member else None,
+                                "audio": wav_member})
+    text = "".join(caption.text + "\n" for caption in sample.captions).encode("utf-8")
+    metadata = {"key": sample.key, "split": sample.split, "captions": caption_records,
+                "source": {"dataset": job.dataset, "image": image_file, "audio": job.audio_source}}
+    members += [(f"{sample.key}.txt", text),
+                (f"{sample.key}.json", json.dumps(metadata, ensure_ascii=False).encode("utf-8"))]
+    members += wavs
+    counts["samples"] += 1
+    counts["captions"] += len(sample.captions)
+    counts["utterances"] += len(wavs)
+    return members
+
+
+def _read_wav(caption) -> tuple[bytes | None, str]:
+    if caption.audio is None:
+        return None, f"no recording listed for caption #{caption.id}"
+    try:
+        data = caption.audio.read_bytes()
+    except FileNotFoundError:
+        return None, "wav missing"
+    except OSError as error:
+        return None, f"cannot read: {error.strerror}"
+    problem = wav_problem(data, len(data))
+    if problem:
+        return None, f"{problem[0].replace('_', ' ')}: {problem[1]}"
+    return data, ""
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = TAR_MTIME
+    info.mode = 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, _BytesReader(data))
+
+
+class _BytesReader:
+    """Minimal file object over bytes for `addfile` (cheaper than BytesIO's copy for large payloads)."""
+
+    def __init__(self, data: bytes):
+        self._view, self._position = memoryview(data), 0
+
+    def read(self, size: int = -1) -> bytes:
+        end = len(self._view) if size < 0 else min(len(self._view), self._position + size)
+        chunk = self._view[self._position : end]
+        self._position = end
+        return chunk
+
+
+def _build_index(name: str, root: Path, scan, jobs: list[ShardJob], records: dict, options: ShardOptions) -> dict:
+    splits: dict[str, dict] = {}
+    skipped: list[dict] = []
+    totals = {"planned_samples": 0, "bad_samples": 0, "planned_utterances": 0, "bad_utterances": 0}
+    for job in jobs:
+        record = records[job.name]
+        split = splits.setdefault(job.split, {"samples": 0, "captions": 0, "utterances": 0, "shards": []})
+        for key in ("samples", "captions", "utterances"):
+            split[key] += record["entry"][key]
+        split["shards"].append(record["entry"])
+        skipped += [{"split": job.split, **entry} for entry in record["skipped"]]
+        for key in totals:
+            totals[key] += record[key]
+    missing_captions = [p for p in scan.problems if p.kind == "missing_caption"]
+    return {
+        "format": FORMAT,
+        "dataset": name,
+        "created_with": f"trimodal {__version__}",
+        "args": options.args(),
+        "source": {"root": str(root.resolve()), "dataset_dir": str(scan.layout.dataset_dir.resolve()),
+                   "audio_dir": str(scan.layout.facc_dir.resolve()) if scan.layout.facc_dir else None},
+        "modalities": ["image", "text"] + (["audio"] if scan.layout.facc_dir else []),
+        "splits": splits,
+        "totals": totals,
+        "skipped": sorted(skipped, key=lambda s: (s["key"], s["file"])),
+        "missing_captions": [p.detail for p in missing_captions],
+    }
+
+
+def _write_json_atomic(path: Path, value: dict) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def read_index(path: Path) -> dict:
+    """The `index.json` of a shard folder; raises ShardError when there is none or it is not ours."""
+    index_path = Path(path) / INDEX
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ShardError(f"{path} has no {INDEX}: it is not a finished shard folder (run `mm shard`)") from None
+    except (OSError, ValueError) as error:
+        raise ShardError(f"cannot read {index_path}: {error}") from error
+    if index.get("format") != FORMAT:
+        raise ShardError(f"{index_path} has format {index.get('format')!r}; this trimodal reads {FORMAT!r}")
+    return index

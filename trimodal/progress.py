@@ -1,0 +1,35 @@
+"""How library code reports progress and notes without printing: the CLI passes a Reporter."""
+
+from __future__ import annotations
+
+
+class Task:
+    """One unit of long work; `advance` as it goes, `close` when done."""
+
+    def advance(self, amount: float = 1) -> None:
+        pass
+
+    def update(self, *, total: float | None = None, completed: float | None = None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "Task":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Reporter:
+    """Receives progress tasks and short notes from library code. This base class ignores them."""
+
+    def task(self, description: str, total: float | None = None, unit: str = "items") -> Task:
+        return Task()
+
+    def note(self, message: str, level: str = "info") -> None:
+        pass
+
+
+SILENT = Reporter()
