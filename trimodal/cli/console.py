@@ -24,11 +24,11 @@ AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of tabl
 
 
 def say(message: str) -> None:
-    console.print(escape(message))
+    console.print(escape(message), soft_wrap=True)
 
 
 def warn(message: str) -> None:
-    err_console.print(f"[yellow]warning:[/yellow] {escape(message)}")
+    err_console.print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True)
 
 
 def human_bytes(count: float) -> str:
@@ -78,7 +78,7 @@ class _PlainTask(Task):
     def __init__(self, description: str, total: float | None, unit: str):
         self._description, self._total, self._unit = description, total, unit
         self._done, self._started = 0.0, time.monotonic()
-        err_console.print(f"{escape(description)} …")
+        err_console.print(f"{escape(description)} …", soft_wrap=True)
 
     def advance(self, amount: float = 1) -> None:
         self._done += amount
@@ -89,7 +89,8 @@ class _PlainTask(Task):
 
     def close(self) -> None:
         amount = human_bytes(self._done) if self._unit == "bytes" else f"{self._done:.0f} {self._unit}"
-        err_console.print(f"{escape(self._description)}: done, {amount} in {time.monotonic() - self._started:.1f} s")
+        err_console.print(f"{escape(self._description)}: done, {amount} in {time.monotonic() - self._started:.1f} s",
+                          soft_wrap=True)
 
 
 class CliReporter(Reporter):
@@ -105,7 +106,7 @@ class CliReporter(Reporter):
         if level == "warning":
             warn(message)
         else:
-            err_console.print(escape(message))
+            err_console.print(escape(message), soft_wrap=True)
 
 
 @contextmanager

@@ -6,7 +6,6 @@ import sys
 import traceback
 from typing import Annotated
 
-import click
 import typer
 from rich.markup import escape
 
@@ -51,19 +50,19 @@ def main(argv: list[str] | None = None) -> int:
     """Run `mm` with `argv` and return its exit status; known failures become one red line."""
     command = typer.main.get_command(app)
     try:
-        status = command.main(args=argv, prog_name="mm", standalone_mode=False)
-    except click.ClickException as error:
-        error.show()
-        return error.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
+        # Standalone mode lets click report usage errors itself; it always ends in SystemExit.
+        command.main(args=argv, prog_name="mm", standalone_mode=True)
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    except KeyboardInterrupt:
         err_console.print("[red]interrupted[/red]")
         return 130
     except TrimodalError as error:
         if _state["debug"]:
             traceback.print_exc()
-        err_console.print(f"[red]error:[/red] {escape(str(error))}")
+        err_console.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True)
         return error.exit_code
-    return status if isinstance(status, int) else 0
+    return 0
 
 
 def run() -> None:

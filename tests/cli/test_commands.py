@@ -1,0 +1,61 @@
+import json
+import shutil
+
+from trimodal import __version__
+
+
+def test_version(mm):
+    result = mm("--version")
+    assert result.exit_code == 0 and __version__ in result.out
+
+
+def test_download_mini_twice_says_already_complete(mm, mini_copy):
+    result = mm("download", "mini", "--root", mini_copy)
+    assert result.exit_code == 0 and "already complete" in result.out
+
+
+def test_validate_writes_the_report(mm, mini_copy, tmp_path):
+    result = mm("validate", "mini", "--root", mini_copy, "--report", tmp_path / "report.json")
+    assert result.exit_code == 0 and "ok" in result.out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["ok"] is True and report["counts"]["images_checked"] == 300 and report["problems"] == []
+
+
+def test_validate_exits_1_and_names_the_bad_file(mm, mini_copy, tmp_path):
+    image = next((mini_copy / "mini" / "Flicker8k_Dataset").glob("*.jpg"))
+    image.write_bytes(image.read_bytes()[:300])
+    result = mm("validate", "mini", "--root", mini_copy, "--report", tmp_path / "report.json")
+    assert result.exit_code == 1 and "corrupt_image" in result.out and "failed" in result.out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["ok"] is False
+    assert [p["file"] for p in report["problems"] if p["kind"] == "corrupt_image"] == [f"mini/Flicker8k_Dataset/{image.name}"]
+    assert set(report["problems"][0]) >= {"kind", "file", "line", "detail"}
+
+
+def test_shard_then_info_on_shards_and_on_the_raw_root(mm, mini_copy, tmp_path):
+    out = tmp_path / "shards"
+    result = mm("shard", "mini", "--root", mini_copy, "--out", out, "--workers", "2")
+    assert result.exit_code == 0 and "train" in result.out
+    info = mm("info", out, "--json")
+    summary = json.loads(info.out)
+    assert summary["kind"] == "shards" and summary["splits"]["test"]["samples"] == 60
+    assert summary["splits"]["train"]["shards"] == 4 and summary["missing_or_changed_shards"] == []
+    table = mm("info", out)
+    assert table.exit_code == 0 and "utterances" in table.out
+    raw = json.loads(mm("info", mini_copy, "--json").out)
+    assert raw["kind"] == "raw" and raw["datasets"][0]["name"] == "mini" and raw["datasets"][0]["status"] == "complete"
+
+
+def test_progress_is_plain_lines_when_not_a_tty(mm, mini_copy, tmp_path):
+    result = mm("shard", "mini", "--root", mini_copy, "--out", tmp_path / "shards")
+    assert "shard mini …" in result.err and "shard mini: done, 300 samples" in result.err
+    assert "\r" not in result.err and "\x1b[" not in result.err
+
+
+def test_demo_runs_download_validate_shard_info(mm, mini_root, tmp_path):
+    shutil.copytree(mini_root, tmp_path / "demo" / "data")
+    result = mm("demo", "--workdir", tmp_path / "demo")
+    assert result.exit_code == 0
+    lines = [line for line in result.out.splitlines() if line.startswith("[")]
+    assert [line[:5] for line in lines] == ["[1/4]", "[2/4]", "[3/4]", "[4/4]"]
+    assert (tmp_path / "demo" / "shards" / "mini" / "index.json").is_file()

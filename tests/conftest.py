@@ -1,0 +1,135 @@
+"""Shared fixtures: a loopback HTTP server with scriptable misbehaviour, the mini dataset, CLI runner."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from trimodal.cli.main import main
+from trimodal.pipeline.download import download_dataset
+
+
+@dataclass
+class Request:
+    path: str
+    range: str | None
+    status: int
+
+
+@dataclass
+class ArchiveServer:
+    """Serves `files` on 127.0.0.1. `rules[path]` scripts misbehaviour:
+    cut_once (send half the body, then hang up, once), ignore_range, redirect (to another path),
+    fail (list of statuses answered before serving the file)."""
+
+    files: dict[str, bytes] = field(default_factory=dict)
+    rules: dict[str, dict] = field(default_factory=dict)
+    log: list[Request] = field(default_factory=list)
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def requests_for(self, path: str) -> list[Request]:
+        return [r for r in self.log if r.path == path]
+
+
+def _handler(server: ArchiveServer):
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):  # keep test output clean
+            pass
+
+        def do_GET(self):
+            rule = server.rules.get(self.path, {})
+            requested = self.headers.get("Range")
+            if "redirect" in rule:
+                return self._answer(302, headers={"Location": rule["redirect"]})
+            if rule.get("fail"):
+                return self._answer(rule["fail"].pop(0))
+            if self.path not in server.files:
+                return self._answer(404)
+            data = server.files[self.path]
+            match = re.fullmatch(r"bytes=(\d+)-", requested or "")
+            if match and not rule.get("ignore_range"):
+                start = int(match.group(1))
+                if start >= len(data):
+                    return self._answer(416, headers={"Content-Range": f"bytes */{len(data)}"})
+                headers = {"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"}
+                status, body = 206, data[start:]
+            else:
+                status, body, headers = 200, data, {}
+            headers["Content-Length"] = str(len(body))
+            if rule.get("cut_once"):
+                rule["cut_once"] = False
+                body = body[: len(body) // 2]
+            self._answer(status, body, headers)
+
+        def _answer(self, status, body=b"", headers=None):
+            server.log.append(Request(self.path, self.headers.get("Range"), status))
+            self.send_response(status)
+            for key, value in (headers or {"Content-Length": str(len(body))}).items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(body)
+            self.wfile.flush()
+            self.close_connection = True
+
+    return Handler
+
+
+@pytest.fixture
+def http_server():
+    server = ArchiveServer()
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(server))
+    server.port = httpd.server_address[1]
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    yield server
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture(scope="session")
+def mini_root(tmp_path_factory) -> Path:
+    """The mini dataset, synthesised once per test session (treat as read-only)."""
+    root = tmp_path_factory.mktemp("mini-data")
+    download_dataset("mini", root)
+    return root
+
+
+@pytest.fixture
+def mini_copy(mini_root, tmp_path) -> Path:
+    """A private, writable copy of the mini dataset root."""
+    shutil.copytree(mini_root, tmp_path / "data", symlinks=True)
+    return tmp_path / "data"
+
+
+@dataclass
+class CliResult:
+    exit_code: int
+    out: str
+    err: str
+
+    @property
+    def output(self) -> str:
+        return self.out + self.err
+
+
+@pytest.fixture
+def mm(capsys):
+    """Run `mm ARGS…` in-process, exactly as the console script does, and capture what it prints."""
+
+    def run(*args: str) -> CliResult:
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
