@@ -18,11 +18,11 @@ from PIL import Image
 QUIRK_STEM = "2258277193_586949ec62"
 
 
-def make_jpeg(seed: int, size: tuple[int, int] = (64, 48)) -> bytes:
+def make_jpeg(seed: int, size: tuple[int, int] = (64, 48), quality: int = 85) -> bytes:
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8)
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "JPEG", quality=85)
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=quality)
     return buffer.getvalue()
 
 
@@ -77,7 +77,7 @@ class FlickrTree:
 
 def build_flickr_tree(root: Path, *, name: str = "flickr8k", train: int = 8, val: int = 3, test: int = 3,
                       outside: int = 1, facc: bool = True, quirk: bool = True, image_size=(64, 48),
-                      wav_seconds: float = 0.25, seed: int = 0) -> FlickrTree:
+                      jpeg_quality: int = 85, wav_seconds: float = 0.25, seed: int = 0) -> FlickrTree:
     """Flickr8k as its two zips unpack (+ FACC under ROOT/facc/), with 5 captions per image."""
     rng = random.Random(seed)
     keys = [stem(i) for i in range(train + val + test + outside)]
@@ -85,7 +85,7 @@ def build_flickr_tree(root: Path, *, name: str = "flickr8k", train: int = 8, val
     tree = FlickrTree(root, name, splits, keys[train + val + test :])
     tree.image_dir.mkdir(parents=True)
     for number, key in enumerate(keys):
-        tree.image(key).write_bytes(make_jpeg(seed * 10_000 + number, image_size))
+        tree.image(key).write_bytes(make_jpeg(seed * 10_000 + number, image_size, jpeg_quality))
 
     lines = []
     for key in keys:

@@ -226,3 +226,24 @@ def test_plan_shards_balances_counts_within_limits():
 def test_read_index_refuses_a_folder_without_one(tmp_path):
     with pytest.raises(ShardError, match="no index.json"):
         read_index(tmp_path)
+
+
+def test_tar_stream_writes_exactly_what_tarfile_writes():
+    import io
+
+    from trimodal.pipeline.shard import TAR_MTIME, _TarStream
+
+    members = [("k.jpg", b"x" * 1000), ("k.txt", b"hello\n"), ("k.0.wav", b"y" * 512), ("k.json", b"")]
+    ours = io.BytesIO()
+    stream = _TarStream(ours)
+    for name, data in members:
+        stream.add(name, data)
+    stream.close()
+    reference = io.BytesIO()
+    with tarfile.open(fileobj=reference, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = \
+                len(data), TAR_MTIME, 0o444, 0, 0, "", ""
+            tar.addfile(info, io.BytesIO(data))
+    assert ours.getvalue() == reference.getvalue() and stream.size == len(ours.getvalue())

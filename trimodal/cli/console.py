@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -78,10 +79,12 @@ class _PlainTask(Task):
     def __init__(self, description: str, total: float | None, unit: str):
         self._description, self._total, self._unit = description, total, unit
         self._done, self._started = 0.0, time.monotonic()
+        self._lock = threading.Lock()  # library code may advance from worker threads
         err_console.print(f"{escape(description)} …", soft_wrap=True)
 
     def advance(self, amount: float = 1) -> None:
-        self._done += amount
+        with self._lock:
+            self._done += amount
 
     def update(self, *, total: float | None = None, completed: float | None = None) -> None:
         self._total = total if total is not None else self._total

@@ -3,6 +3,7 @@
 Each tar is planned from the file listing before anything is read, written as `*.tmp` and renamed, and
 recorded in a sidecar (`OUT/.shards/<name>.json`) with a fingerprint of its inputs; a rerun skips every
 shard whose sidecar matches. `index.json` is written last, and only when the bad fraction is acceptable.
+Shards are written by a pool of threads: jpeg decoding, sha256 and file I/O all release the GIL.
 """
 
 from __future__ import annotations
@@ -10,12 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import multiprocessing
 import os
 import random
 import re
 import tarfile
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -206,49 +206,19 @@ def _remove_stale(out: Path, planned: set[str]) -> None:
 
 
 def _run(jobs: list[ShardJob], out: Path, workers: int, task: Task):
+    """Write shards on `workers` threads: decoding, hashing and file I/O all release the GIL."""
     if workers == 1 or len(jobs) <= 1:
         for job in jobs:
             yield write_shard(job, out, task.advance)
         return
-    context = multiprocessing.get_context("spawn")
-    ticks = context.Queue()
-    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context,
-                             initializer=_worker_init, initargs=(ticks,)) as pool:
-        pending = {pool.submit(_write_shard_in_worker, job, out) for job in jobs}
-        while pending:
-            done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-            while not ticks.empty():
-                task.advance(ticks.get())
-            for future in done:
+    with ThreadPoolExecutor(min(workers, len(jobs))) as pool:
+        pending = [pool.submit(write_shard, job, out, task.advance) for job in jobs]
+        try:
+            for future in as_completed(pending):
                 yield future.result()
-
-
-_worker_ticks = None
-
-
-def _worker_init(ticks) -> None:
-    global _worker_ticks
-    _worker_ticks = ticks
-
-
-def _write_shard_in_worker(job: ShardJob, out: Path) -> dict:
-    return write_shard(job, out, _worker_ticks.put)
-
-
-class _HashingSink:
-    """A write-only file object that hashes and counts what passes through it."""
-
-    def __init__(self, raw):
-        self._raw, self.sha256, self.size = raw, hashlib.sha256(), 0
-
-    def write(self, data: bytes) -> int:
-        self._raw.write(data)
-        self.sha256.update(data)
-        self.size += len(data)
-        return len(data)
-
-    def tell(self) -> int:
-        return self.size
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 def write_shard(job: ShardJob, out: Path, advance=lambda n: None) -> dict:
@@ -260,29 +230,64 @@ def write_shard(job: ShardJob, out: Path, advance=lambda n: None) -> dict:
     keys = []
     try:
         with open(temporary, "wb") as raw:
-            sink = _HashingSink(raw)
-            with tarfile.open(fileobj=sink, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                for number, sample in enumerate(job.samples, start=1):
-                    members = _sample_members(job, sample, skipped, counts)
-                    if members is not None:
-                        keys.append(sample.key)
-                        for member_name, data in members:
-                            _add_member(tar, member_name, data)
-                    if number % 16 == 0 or number == len(job.samples):
-                        advance(16 if number % 16 == 0 else number % 16)
-            raw.flush()
-            os.fsync(raw.fileno())
+            tar = _TarStream(raw)
+            for number, sample in enumerate(job.samples, start=1):
+                members = _sample_members(job, sample, skipped, counts)
+                if members is not None:
+                    keys.append(sample.key)
+                    for member_name, data in members:
+                        tar.add(member_name, data)
+                if number % 16 == 0 or number == len(job.samples):
+                    advance(16 if number % 16 == 0 else number % 16)
+            tar.close()
+        # No fsync: the rename is atomic against a crashed process, and the index's sha256 of every
+        # shard catches what a power cut could leave behind.
         os.replace(temporary, out / job.name)
     except OSError as error:
         temporary.unlink(missing_ok=True)
         raise ShardError(f"cannot write {out / job.name}: {error.strerror or error}") from error
     entry = {"name": job.name, "samples": counts["samples"], "captions": counts["captions"],
-             "utterances": counts["utterances"], "bytes": sink.size, "sha256": sink.sha256.hexdigest(),
+             "utterances": counts["utterances"], "bytes": tar.size, "sha256": tar.sha256.hexdigest(),
              "first_key": keys[0] if keys else None, "last_key": keys[-1] if keys else None}
     record = {"fingerprint": job.fingerprint, "split": job.split, "entry": entry, "skipped": skipped,
               **{k: counts[k] for k in ("bad_samples", "bad_utterances", "planned_samples", "planned_utterances")}}
     _write_json_atomic(out / SIDECARS / (job.name + ".json"), record)
     return record
+
+
+class _TarStream:
+    """A POSIX tar written straight to a file: one header, the payload and its padding per member.
+
+    The output is what `tarfile` writes (PAX format, end-of-archive blocks, padded to a 10 KiB record)
+    without its 16 KiB copy loop, and it hashes what it writes on the way.
+    """
+
+    def __init__(self, raw):
+        self._raw, self.sha256, self.size = raw, hashlib.sha256(), 0
+
+    def _write(self, data: bytes) -> None:
+        self._raw.write(data)
+        self.sha256.update(data)
+        self.size += len(data)
+
+    def add(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = TAR_MTIME
+        info.mode = 0o444
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        self._write(info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape"))
+        self._write(data)
+        remainder = len(data) % tarfile.BLOCKSIZE
+        if remainder:
+            self._write(tarfile.NUL * (tarfile.BLOCKSIZE - remainder))
+
+    def close(self) -> None:
+        self._write(tarfile.NUL * (tarfile.BLOCKSIZE * 2))
+        remainder = self.size % tarfile.RECORDSIZE
+        if remainder:
+            self._write(tarfile.NUL * (tarfile.RECORDSIZE - remainder))
 
 
 def _sample_members(job: ShardJob, sample: Sample, skipped: list[dict], counts: dict) -> list[tuple[str, bytes]] | None:
@@ -347,29 +352,6 @@ def _read_wav(caption) -> tuple[bytes | None, str]:
     if problem:
         return None, f"{problem[0].replace('_', ' ')}: {problem[1]}"
     return data, ""
-
-
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = TAR_MTIME
-    info.mode = 0o444
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, _BytesReader(data))
-
-
-class _BytesReader:
-    """Minimal file object over bytes for `addfile` (cheaper than BytesIO's copy for large payloads)."""
-
-    def __init__(self, data: bytes):
-        self._view, self._position = memoryview(data), 0
-
-    def read(self, size: int = -1) -> bytes:
-        end = len(self._view) if size < 0 else min(len(self._view), self._position + size)
-        chunk = self._view[self._position : end]
-        self._position = end
-        return chunk
 
 
 def _build_index(name: str, root: Path, scan, jobs: list[ShardJob], records: dict, options: ShardOptions) -> dict:
