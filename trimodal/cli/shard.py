@@ -19,7 +19,7 @@ def shard(
     max_samples: Annotated[int, typer.Option("--max-samples", help="At most this many samples per shard.")] = 1000,
     max_mb: Annotated[float, typer.Option("--max-mb", help="At most this many MB per shard.")] = 500.0,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the training split's sample order.")] = 0,
-    workers: Workers = 1,
+    workers: Workers = 2,
     max_bad: Annotated[float, typer.Option("--max-bad", help="Fail when more than this fraction of samples "
                                            "or utterances is bad.")] = 0.001,
 ) -> None:
