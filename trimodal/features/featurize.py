@@ -1,0 +1,204 @@
+"""`mm featurize`: every feature computed once, per shard, into the zarr store; resumable per shard."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trimodal.errors import ConfigError, ShardError
+from trimodal.features.audio import MelExtractor, decode_wav, mel_config
+from trimodal.features.image import OpenClipImageEncoder, parse_encoder, resolve_device
+from trimodal.features.store import FeatureStore, ShardFeatures, StaleCacheError, config_differences, plan_layout
+from trimodal.features.text import OpenClipTokenizer
+from trimodal.pipeline.samples import SPLITS
+from trimodal.pipeline.shard import read_index
+from trimodal.pipeline.stream import index_fingerprint, iter_samples
+from trimodal.progress import SILENT, Reporter
+
+
+@dataclass(frozen=True)
+class FeaturizeOptions:
+    audio: str | None = "mel80"
+    image: str | None = "open_clip:ViT-B-32"
+    image_tokens: bool = False
+    text: str | None = "open_clip:ViT-B-32"
+    splits: tuple[str, ...] | None = None
+    device: str = "auto"
+    batch_size: int = 64
+    workers: int = 2
+    overwrite: bool = False
+
+
+@dataclass
+class FeaturizeSummary:
+    store: Path
+    device: str
+    shards_written: list[str] = field(default_factory=list)
+    shards_skipped: list[str] = field(default_factory=list)
+    rows: int = 0
+    captions: int = 0
+    utterances: int = 0
+    frames: int = 0
+    random_init: bool = False
+    config: dict = field(default_factory=dict)
+
+
+class _Extractors:
+    def __init__(self, options: FeaturizeOptions, index: dict, device: torch.device):
+        self.mel = MelExtractor(mel_config(options.audio), device) if options.audio and "audio" in index.get("modalities", []) else None
+        self.image = OpenClipImageEncoder(parse_encoder(options.image), device, tokens=options.image_tokens) if options.image else None
+        self.text = OpenClipTokenizer(options.text) if options.text else None
+
+    def config(self) -> dict:
+        return {"image": self.image.attrs() if self.image else None,
+                "text": self.text.attrs() if self.text else None,
+                "audio": self.mel.config.attrs() if self.mel else None}
+
+    def dims(self) -> dict:
+        dims = {}
+        if self.image:
+            dims["image_dim"] = self.image.embed_dim
+            if self.image.tokens:
+                blank = torch.zeros(1, 3, *_pair(self.image.visual.image_size))
+                dims["image_tokens"] = list(self.image.encode_pixels(blank)[1].shape[1:])
+        if self.text:
+            dims["context_length"] = self.text.context_length
+        return dims
+
+
+def _pair(size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def featurize(shards: Path, store_path: Path, options: FeaturizeOptions = FeaturizeOptions(), *,
+              reporter: Reporter = SILENT, stop_after: int | None = None) -> FeaturizeSummary:
+    """Compute the features of every shard of `shards` (or of `options.splits`) into `store_path`.
+
+    `stop_after` ends the run after that many shards were written (tests use it to interrupt).
+    """
+    if options.batch_size < 1 or options.workers < 1:
+        raise ConfigError("--batch-size and --workers must be at least 1")
+    shards, store_path = Path(shards), Path(store_path)
+    index = read_index(shards)
+    splits = _choose_splits(index, options.splits)
+    device = resolve_device(options.device)
+    extractors = _Extractors(options, index, device)
+    config = {**extractors.config(), "splits": splits}
+    fingerprint = index_fingerprint(index, splits)
+
+    store = _open_or_create(store_path, shards, index, splits, config, fingerprint, extractors, options.overwrite)
+    summary = FeaturizeSummary(store_path, str(device), random_init=bool(extractors.image and extractors.image.random_init),
+                               config=config)
+    slots = list(store.slots.values())
+    entries = {s["name"]: s for split in splits for s in index["splits"][split]["shards"]}
+    with reporter.task("featurize", total=sum(s.rows[1] - s.rows[0] for s in slots), unit="samples") as task, \
+            ThreadPoolExecutor(options.workers) as pool:
+        for slot in slots:
+            if slot.done:
+                summary.shards_skipped.append(slot.name)
+                task.advance(slot.rows[1] - slot.rows[0])
+                continue
+            features = _featurize_shard(shards / slot.name, entries[slot.name], extractors, options.batch_size,
+                                        pool, task.advance)
+            store.write_shard(slot, features)
+            summary.shards_written.append(slot.name)
+            if stop_after is not None and len(summary.shards_written) >= stop_after:
+                break
+    counts = store.group.attrs["counts"]
+    summary.rows, summary.captions, summary.utterances = counts["rows"], counts["captions"], counts["utterances"]
+    summary.frames = int(store.group.attrs["frames_committed"])
+    return summary
+
+
+def _choose_splits(index: dict, wanted: tuple[str, ...] | None) -> list[str]:
+    available = [split for split in SPLITS if split in index["splits"]] + \
+        [split for split in index["splits"] if split not in SPLITS]
+    if wanted is None:
+        return available
+    unknown = [split for split in wanted if split not in index["splits"]]
+    if unknown:
+        raise ConfigError(f"--splits names {', '.join(unknown)}, but the shards have {', '.join(available)}")
+    return [split for split in available if split in wanted]
+
+
+def _open_or_create(path: Path, shards: Path, index: dict, splits: list[str], config: dict, fingerprint: str,
+                    extractors: _Extractors, overwrite: bool) -> FeatureStore:
+    if path.exists() and not overwrite:
+        store = FeatureStore.open(path, mode="a")
+        differences = config_differences(json.loads(json.dumps(store.config)), json.loads(json.dumps(config)))
+        if differences:
+            raise StaleCacheError(f"{path} was written with other settings: {'; '.join(differences[:4])}"
+                                  f"{' …' if len(differences) > 4 else ''}; use --overwrite to recompute")
+        if store.fingerprint != fingerprint:
+            raise StaleCacheError(f"{path} was computed from other shards (the shards' index.json changed since); "
+                                  "use --overwrite to recompute")
+        return store
+    return FeatureStore.create(path, slots=plan_layout(index, splits), config=config, fingerprint=fingerprint,
+                               shards_path=shards, dims=extractors.dims())
+
+
+def _featurize_shard(path: Path, entry: dict, extractors: _Extractors, batch_size: int, pool: ThreadPoolExecutor,
+                     advance) -> ShardFeatures:
+    keys, image_blobs, captions, caption_ids, caption_counts = [], [], [], [], []
+    wav_blobs, utterance_caption_ids, utterance_counts = [], [], []
+    wanted = {"json", "txt", "jpg", "png"} | ({"wav"} if extractors.mel else set())
+    for key, members in iter_samples(path, wanted):
+        keys.append(key)
+        image_blobs.append(members.get("jpg") or members.get("png"))
+        meta = json.loads(members["json"]) if "json" in members else {"captions": []}
+        texts = members.get("txt", b"").decode("utf-8").splitlines()
+        ids = [c["id"] for c in meta["captions"]] or list(range(len(texts)))
+        captions += texts
+        caption_ids += ids[: len(texts)]
+        caption_counts.append(len(texts))
+        if extractors.mel:
+            spoken = sorted((int(s.split(".")[0]), s) for s in members if s.endswith(".wav") and s.split(".")[0].isdigit())
+            wav_blobs += [members[suffix] for _, suffix in spoken]
+            utterance_caption_ids += [caption for caption, _ in spoken]
+            utterance_counts.append(len(spoken))
+    expected = (entry["samples"], entry["captions"], entry["utterances"] if extractors.mel else len(wav_blobs))
+    found = (len(keys), len(captions), len(wav_blobs))
+    if found != expected or len(set(keys)) != len(keys):
+        raise ShardError(f"{path} does not match its index.json entry (samples, captions, utterances: "
+                         f"found {found}, index says {expected}); run `mm shard` again")
+
+    features = ShardFeatures(keys=keys)
+    # Progress counts samples; images and audio each carry a share of every sample.
+    stages = [stage for stage in (extractors.image, extractors.mel) if stage]
+    share = len(keys) / max(1, len(stages))
+    if extractors.image:
+        pooled, tokens = [], []
+        for start in range(0, len(image_blobs), batch_size):
+            chunk = image_blobs[start : start + batch_size]
+            if any(blob is None for blob in chunk):
+                raise ShardError(f"{path}: a sample has no image member")
+            pixels = torch.stack(list(pool.map(lambda blob: extractors.image.pixels([blob])[0], chunk)))
+            batch_pooled, batch_tokens = extractors.image.encode_pixels(pixels)
+            pooled.append(batch_pooled)
+            if batch_tokens is not None:
+                tokens.append(batch_tokens)
+            advance(share * len(chunk) / len(keys))
+        features.image = np.concatenate(pooled) if pooled else np.zeros((0, extractors.image.embed_dim))
+        features.image_tokens = np.concatenate(tokens) if tokens else None
+    if extractors.text:
+        features.tokens = extractors.text(captions)
+        features.caption_ids = np.asarray(caption_ids, dtype=np.int32)
+        features.caption_offsets = np.concatenate([[0], np.cumsum(caption_counts)]).astype(np.int64)
+    if extractors.mel:
+        waveforms = list(pool.map(lambda blob: extractors.mel.resample(*decode_wav(blob)), wav_blobs))
+        mels = extractors.mel.batched(waveforms, batch_size,
+                                      on_batch=lambda n: advance(share * n / max(1, len(waveforms))))
+        if not waveforms:
+            advance(share)
+        features.mel = np.concatenate(mels) if mels else np.zeros((0, extractors.mel.config.n_mels), np.float32)
+        features.frame_offsets = np.concatenate([[0], np.cumsum([len(m) for m in mels])]).astype(np.int64)
+        features.utterance_offsets = np.concatenate([[0], np.cumsum(utterance_counts)]).astype(np.int64)
+        features.utterance_caption_ids = np.asarray(utterance_caption_ids, dtype=np.int32)
+    if not stages:
+        advance(len(keys))
+    return features

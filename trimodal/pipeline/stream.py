@@ -1,0 +1,65 @@
+"""Reading shards: samples from one tar, and the deterministic shard order split by node and worker."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import tarfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from trimodal.errors import ShardError
+
+
+def iter_samples(path: Path, suffixes: set[str] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {suffix: bytes}) for each sample of a webdataset tar, members grouped by key.
+
+    The key is the member name up to its first dot (`KEY.3.wav` is suffix `3.wav` of `KEY`); with
+    `suffixes`, only those members are read (the rest are skipped without being copied).
+    """
+    key, members = None, {}
+    try:
+        with tarfile.open(path, mode="r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                name = member.name.rsplit("/", 1)[-1]
+                member_key, _, suffix = name.partition(".")
+                if member_key != key:
+                    if key is not None:
+                        yield key, members
+                    key, members = member_key, {}
+                if suffixes is None or suffix in suffixes or _is_wav(suffix) and "wav" in suffixes:
+                    members[suffix] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError) as error:
+        raise ShardError(f"cannot read shard {path}: {error}") from error
+    if key is not None:
+        yield key, members
+
+
+def _is_wav(suffix: str) -> bool:
+    return suffix.endswith((".wav", ".flac"))
+
+
+def shard_order(names: Sequence[str], *, seed: int, epoch: int, shuffle: bool) -> list[str]:
+    """The same permutation on every rank: shuffled by (seed, epoch) before any split."""
+    order = list(names)
+    if shuffle:
+        random.Random(f"{seed}:{epoch}").shuffle(order)
+    return order
+
+
+def split_shards(names: Sequence[str], rank: int, world_size: int, worker: int, workers: int) -> list[str]:
+    """Whole shards for one (rank, worker): node split first, then worker split."""
+    return list(names)[rank::world_size][worker::workers]
+
+
+def index_fingerprint(index: dict, splits: Sequence[str] | None = None) -> str:
+    """A digest of what the shards hold (names, sizes, sha256s), not of index.json's formatting."""
+    described = []
+    for split, info in sorted(index["splits"].items()):
+        if splits is None or split in splits:
+            described += [[split, s["name"], s["sha256"], s["samples"], s["captions"], s["utterances"]]
+                          for s in info["shards"]]
+    return hashlib.sha256(json.dumps(described).encode()).hexdigest()
