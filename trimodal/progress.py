@@ -9,7 +9,8 @@ class Task:
     def advance(self, amount: float = 1) -> None:
         pass
 
-    def update(self, *, total: float | None = None, completed: float | None = None) -> None:
+    def update(self, *, total: float | None = None, completed: float | None = None,
+               description: str | None = None) -> None:
         pass
 
     def close(self) -> None:

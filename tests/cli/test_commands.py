@@ -57,5 +57,5 @@ def test_demo_runs_download_validate_shard_info(mm, mini_root, tmp_path):
     result = mm("demo", "--workdir", tmp_path / "demo")
     assert result.exit_code == 0
     lines = [line for line in result.out.splitlines() if line.startswith("[")]
-    assert [line[:5] for line in lines] == ["[1/4]", "[2/4]", "[3/4]", "[4/4]"]
+    assert [line[:5] for line in lines] == ["[1/6]", "[2/6]", "[3/6]", "[4/6]", "[5/6]", "[6/6]"]
     assert (tmp_path / "demo" / "shards" / "mini" / "index.json").is_file()

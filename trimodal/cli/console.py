@@ -22,6 +22,7 @@ err_console = Console(stderr=True, highlight=False)
 Root = Annotated[Path, typer.Option("--root", help="Folder that holds the raw datasets, one sub-folder each.")]
 Workers = Annotated[int, typer.Option("--workers", min=1, help="Parallel workers.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+Device = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda.")]
 
 
 def say(message: str) -> None:
@@ -66,8 +67,10 @@ class _RichTask(Task):
     def advance(self, amount: float = 1) -> None:
         self._progress.advance(self._id, amount)
 
-    def update(self, *, total: float | None = None, completed: float | None = None) -> None:
-        self._progress.update(self._id, total=total, completed=completed)
+    def update(self, *, total: float | None = None, completed: float | None = None,
+               description: str | None = None) -> None:
+        self._progress.update(self._id, total=total, completed=completed,
+                              description=escape(description) if description else None)
 
     def close(self) -> None:
         self._progress.stop_task(self._id)
@@ -86,7 +89,8 @@ class _PlainTask(Task):
         with self._lock:
             self._done += amount
 
-    def update(self, *, total: float | None = None, completed: float | None = None) -> None:
+    def update(self, *, total: float | None = None, completed: float | None = None,
+               description: str | None = None) -> None:
         self._total = total if total is not None else self._total
         self._done = completed if completed is not None else self._done
 
@@ -113,12 +117,15 @@ class CliReporter(Reporter):
 
 
 @contextmanager
-def reporter():
-    """A Reporter that draws rich progress bars on a terminal and plain lines elsewhere."""
+def reporter(*, transient: bool = False, plain: bool = True):
+    """A Reporter that draws rich progress bars on a terminal and plain lines elsewhere.
+
+    `transient` bars vanish when done; `plain=False` prints nothing at all when not on a terminal.
+    """
     if not err_console.is_terminal:
-        yield CliReporter(None)
+        yield CliReporter(None) if plain else Reporter()
         return
     columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), _AmountColumn(),
                _SpeedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err_console, transient=False) as progress:
+    with Progress(*columns, console=err_console, transient=transient) as progress:
         yield CliReporter(progress)

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from trimodal import __version__
-from trimodal.cli import demo, download, info, shard, validate
+from trimodal.cli import demo, download, evaluate, featurize, info, shard, train, validate
 from trimodal.cli.console import err_console
 from trimodal.errors import TrimodalError
 
@@ -42,6 +42,9 @@ def _options(
 app.command("download")(download.download)
 app.command("validate")(validate.validate)
 app.command("shard")(shard.shard)
+app.command("featurize")(featurize.featurize)
+app.command("train", context_settings={"allow_extra_args": False})(train.train)
+app.command("eval")(evaluate.evaluate)
 app.command("info")(info.info)
 app.command("demo")(demo.demo)
 

@@ -21,6 +21,7 @@ from PIL import Image
 from trimodal.errors import ConfigError, TrimodalError
 
 _WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+RANDOM_INIT_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,10 @@ class OpenClipImageEncoder:
 
     def _create(self, open_clip, spec: EncoderSpec):
         if spec.weights is None:
-            return open_clip.create_model(spec.model, pretrained=None)
+            # A fixed seed: a resumed or repeated run must draw the same random tower.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(RANDOM_INIT_SEED)
+                return open_clip.create_model(spec.model, pretrained=None)
         if spec.weights_is_file:
             path = Path(spec.weights).expanduser()
             state = load_state_dict(path)
@@ -132,7 +136,8 @@ class OpenClipImageEncoder:
     def attrs(self) -> dict:
         return {"encoder": str(self.spec), "family": self.spec.family, "model": self.spec.model,
                 "weights": self.spec.weights, "weights_sha256": self.weights_sha256,
-                "random_init": self.random_init, "embed_dim": self.embed_dim, "tokens": self.tokens,
+                "random_init": self.random_init,
+                "random_init_seed": RANDOM_INIT_SEED if self.random_init else None, "embed_dim": self.embed_dim, "tokens": self.tokens,
                 "preprocess": self.preprocess_cfg}
 
     def pixels(self, blobs: list[bytes]) -> torch.Tensor:

@@ -1,0 +1,58 @@
+"""`mm featurize SHARDS --out STORE.zarr`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from trimodal.cli.console import Device, Workers, console, reporter, say, warn
+
+
+def featurize(
+    shards: Annotated[Path, typer.Argument(help="Shard folder written by `mm shard` (with index.json).")],
+    out: Annotated[Path, typer.Option("--out", help="The zarr feature store to write.")],
+    audio: Annotated[str, typer.Option("--audio", help="Audio features: mel80, or none.")] = "mel80",
+    image: Annotated[str, typer.Option("--image", help="open_clip:<model>[:<pretrained tag or local weights file>], "
+                                        "or none.")] = "open_clip:ViT-B-32",
+    image_tokens: Annotated[bool, typer.Option("--image-tokens", help="Also store the image tower's patch tokens.")] = False,
+    text: Annotated[str, typer.Option("--text", help="open_clip:<model> tokenizer, or none.")] = "open_clip:ViT-B-32",
+    splits: Annotated[str | None, typer.Option("--splits", help="Comma-separated splits (default: all).")] = None,
+    device: Device = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images / utterances per batch.")] = 64,
+    workers: Workers = 2,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Recompute into an existing store.")] = False,
+) -> None:
+    """Compute mel spectrograms, image embeddings and caption tokens once, into zarr (resumable per shard).
+
+    Example: mm featurize shards/flickr8k --out features/flickr8k.zarr
+    """
+    from trimodal.features.featurize import FeaturizeOptions
+    from trimodal.features.featurize import featurize as run_featurize
+
+    options = FeaturizeOptions(
+        audio=None if audio == "none" else audio, image=None if image == "none" else image,
+        image_tokens=image_tokens, text=None if text == "none" else text,
+        splits=tuple(s.strip() for s in splits.split(",")) if splits else None,
+        device=device, batch_size=batch_size, workers=workers, overwrite=overwrite)
+    with reporter() as progress:
+        summary = run_featurize(shards, out, options, reporter=progress)
+    if summary.random_init:
+        warn(f"the image encoder {options.image} runs with RANDOM weights (no pretrained weights named); "
+             "the store records random_init = true")
+    table = Table(title=f"features → {out} (device {summary.device})")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("shards written / already complete", f"{len(summary.shards_written)} / {len(summary.shards_skipped)}")
+    table.add_row("image rows", f"{summary.rows:,}")
+    if summary.config.get("image"):
+        table.add_row("image embedding", f"{summary.config['image']['model']} → {summary.config['image']['embed_dim']}-d"
+                      + (" + patch tokens" if summary.config["image"]["tokens"] else ""))
+    if summary.config.get("text"):
+        table.add_row("captions tokenised", f"{summary.captions:,}")
+    if summary.config.get("audio"):
+        table.add_row("utterances / mel frames", f"{summary.utterances:,} / {summary.frames:,}")
+    console.print(table)
+    say(f"splits: {', '.join(summary.config['splits'])}")

@@ -1,0 +1,21 @@
+"""Recall tables, shared by `mm train`, `mm eval` and `mm demo`."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+
+def recall_table(directions: dict, *, title: str, ttt: dict | None = None) -> Table:
+    table = Table(title=title)
+    table.add_column("direction")
+    for column in ("R@1", "R@5", "R@10", "median rank", "chance@10"):
+        table.add_column(column, justify="right")
+    if ttt:
+        table.add_column("R@10 with TTT", justify="right")
+    for name, metrics in directions.items():
+        row = [name, *(f"{metrics[k]:.3f}" for k in ("R@1", "R@5", "R@10")), f"{metrics['median_rank']:g}",
+               f"{metrics['chance@10']:.3f}"]
+        if ttt:
+            row.append(f"{ttt[name]['R@10']:.3f}" if name in ttt else "–")
+        table.add_row(*row)
+    return table

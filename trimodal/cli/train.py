@@ -1,0 +1,37 @@
+"""`mm train CONFIG --shards S --features F --out RUN`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from trimodal.cli.console import console, reporter, say
+from trimodal.cli.tables import recall_table
+
+
+def train(
+    config: Annotated[Path, typer.Argument(help="A TOML run config, e.g. configs/mmn-tiny.toml.")],
+    shards: Annotated[Path, typer.Option("--shards", help="Shard folder (index.json).")],
+    features: Annotated[Path, typer.Option("--features", help="Feature store written by `mm featurize`.")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder: checkpoints, metrics, plots.")],
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in OUT from its last checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty OUT.")] = False,
+    overrides: Annotated[list[str] | None, typer.Argument(help="section.key=value overrides, e.g. train.epochs=5.")] = None,
+) -> None:
+    """Train a retrieval model on the streamed shards + cached features.
+
+    Example: mm train configs/mmn-tiny.toml --shards shards/mini --features features/mini.zarr --out runs/tiny train.epochs=5
+    """
+    from trimodal.training.trainer import train as run_train
+
+    with reporter() as progress:
+        result = run_train(config, shards, features, out, resume=resume, overwrite=overwrite,
+                           overrides=overrides or [], reporter=progress)
+    say(f"model: {result.parameters:,} parameters, trained on {result.device}")
+    if result.last_val:
+        console.print(recall_table(result.last_val["directions"], title=f"validation, last epoch ({out})"))
+    if result.best_epoch is not None:
+        say(f"best epoch: {result.best_epoch + 1} (mean recall {result.best_mean_recall:.3f}); "
+            f"checkpoints in {out / 'checkpoints'}, plots in {out / 'plots'}")

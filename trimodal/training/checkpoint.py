@@ -1,0 +1,48 @@
+"""Checkpoints: weights as safetensors, the rest (optimizer, RNG, epoch) in a weights-only torch file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from trimodal.errors import TrimodalError
+
+
+def save_weights(model: torch.nn.Module, path: Path, metadata: dict | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
+    save_file(state, str(temporary), metadata={k: str(v) for k, v in (metadata or {}).items()})
+    os.replace(temporary, path)
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    if not path.is_file():
+        raise TrimodalError(f"checkpoint {path} does not exist")
+    try:
+        state = load_file(str(path))
+    except Exception as error:  # safetensors raises its own types for damaged files
+        raise TrimodalError(f"cannot read checkpoint {path}: {error}") from error
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise TrimodalError(f"{path} does not fit this model: {len(missing)} missing, {len(unexpected)} unexpected "
+                            f"tensors (e.g. {(missing or unexpected)[0]})")
+
+
+def save_state(path: Path, state: dict) -> None:
+    """Optimizer, RNG and progress; loadable with `torch.load(weights_only=True)`."""
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def load_state(path: Path) -> dict:
+    if not path.is_file():
+        raise TrimodalError(f"{path} does not exist: nothing to resume from")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # unpickling errors come in many types
+        raise TrimodalError(f"cannot read training state {path}: {error}") from error

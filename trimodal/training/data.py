@@ -1,0 +1,287 @@
+"""The training data path: shards + feature store -> batches of padded tensors with masks.
+
+`TrimodalDataset` is a torch `IterableDataset` for your own loops. It iterates whole shards (shuffled
+by (seed, epoch), then split by node and by worker), reads each shard's features from the store in one
+slice per array, and reads tar members only for what the store lacks. A sample shuffle buffer follows;
+each visit of an image picks one of its (caption, utterance) pairs at random, seeded.
+
+    from torch.utils.data import DataLoader
+    from trimodal import TrimodalDataset
+
+    dataset = TrimodalDataset("shards/flickr8k", "features/flickr8k.zarr", split="train", batch_size=64)
+    loader = DataLoader(dataset, batch_size=None, num_workers=2)
+    for epoch in range(10):
+        dataset.set_epoch(epoch)
+        for batch in loader:
+            batch["image"], batch["text"], batch["audio"], batch["audio_mask"]
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from trimodal.errors import ConfigError, TrimodalError
+from trimodal.features.store import FeatureStore, ShardFeatures, StaleCacheError
+from trimodal.pipeline.shard import read_index
+from trimodal.pipeline.stream import index_fingerprint, iter_samples, shard_order, split_shards
+
+MODALITIES = ("image", "text", "audio")
+
+
+@dataclass
+class Item:
+    key: str
+    image: np.ndarray | None = None
+    tokens: np.ndarray | None = None
+    mel: np.ndarray | None = None
+    caption_id: int = -1
+
+
+def open_sources(shards: Path, features: Path, split: str) -> tuple[dict, FeatureStore]:
+    """The shards' index and the store, checked to belong together and to hold `split` completely."""
+    index = read_index(Path(shards))
+    store = FeatureStore.open(Path(features))
+    if split not in index["splits"]:
+        raise ConfigError(f"split {split!r} is not in {shards} (it has {', '.join(index['splits'])})")
+    if split not in store.splits():
+        raise ConfigError(f"{features} has no features for split {split!r} (it has {', '.join(store.splits())})")
+    if store.fingerprint != index_fingerprint(index, store.config["splits"]):
+        raise StaleCacheError(f"{features} was computed from other shards than {shards} (stale cache); "
+                              "run `mm featurize` again with --overwrite")
+    if not store.complete(split):
+        raise TrimodalError(f"{features} is incomplete for split {split!r}; run `mm featurize` again to finish it")
+    return index, store
+
+
+def crop_frames(mel: np.ndarray, max_frames: int, rng: np.random.Generator | None) -> np.ndarray:
+    """At most `max_frames` frames: a random window when `rng` is given, else the central one."""
+    if len(mel) <= max_frames:
+        return mel
+    start = int(rng.integers(0, len(mel) - max_frames + 1)) if rng is not None else (len(mel) - max_frames) // 2
+    return mel[start : start + max_frames]
+
+
+def collate(items: Sequence[Item], modalities: Sequence[str]) -> dict:
+    """Pad a list of items into tensors; `<modality>_present` says which rows carry each modality."""
+    batch: dict = {"keys": [item.key for item in items],
+                   "caption_id": torch.tensor([item.caption_id for item in items], dtype=torch.long)}
+    if "image" in modalities:
+        reference = next((i.image for i in items if i.image is not None), None)
+        shape = reference.shape if reference is not None else (1,)
+        batch["image"] = torch.from_numpy(np.stack([
+            i.image.astype(np.float32) if i.image is not None else np.zeros(shape, np.float32) for i in items]))
+        batch["image_present"] = torch.tensor([i.image is not None for i in items])
+    if "text" in modalities:
+        length = next((len(i.tokens) for i in items if i.tokens is not None), 77)
+        batch["text"] = torch.from_numpy(np.stack([
+            i.tokens.astype(np.int64) if i.tokens is not None else np.zeros(length, np.int64) for i in items]))
+        batch["text_present"] = torch.tensor([i.tokens is not None for i in items])
+    if "audio" in modalities:
+        n_mels = next((i.mel.shape[1] for i in items if i.mel is not None), 80)
+        frames = max([len(i.mel) for i in items if i.mel is not None] or [1])
+        audio = np.zeros((len(items), frames, n_mels), np.float32)
+        mask = np.zeros((len(items), frames), bool)
+        for row, item in enumerate(items):
+            if item.mel is not None:
+                audio[row, : len(item.mel)] = item.mel
+                mask[row, : len(item.mel)] = True
+        batch["audio"], batch["audio_mask"] = torch.from_numpy(audio), torch.from_numpy(mask)
+        batch["audio_present"] = torch.tensor([i.mel is not None for i in items])
+    return batch
+
+
+class TrimodalDataset(IterableDataset):
+    """Batches (dicts of padded tensors and masks) from shards + feature store; see the module doc."""
+
+    def __init__(self, shards: str | Path, features: str | Path, split: str = "train", *,
+                 modalities: Sequence[str] = MODALITIES, batch_size: int = 64, shuffle: bool = True, seed: int = 0,
+                 epoch: int = 0, shuffle_buffer: int = 1000, max_audio_frames: int = 1000, drop_last: bool = False,
+                 rank: int | None = None, world_size: int | None = None):
+        unknown = set(modalities) - set(MODALITIES)
+        if unknown or not modalities:
+            raise ConfigError(f"modalities must be a non-empty subset of {MODALITIES} (got {list(modalities)})")
+        self.shards, self.features, self.split = Path(shards), Path(features), split
+        self.modalities = tuple(m for m in MODALITIES if m in modalities)
+        self.batch_size, self.shuffle, self.seed, self.epoch = batch_size, shuffle, seed, epoch
+        self.shuffle_buffer, self.max_audio_frames, self.drop_last = shuffle_buffer, max_audio_frames, drop_last
+        self.rank, self.world_size = rank, world_size
+        index, store = open_sources(self.shards, self.features, split)
+        self.shard_names = [s["name"] for s in index["splits"][split]["shards"]]
+        self.samples = index["splits"][split]["samples"]
+        self.from_store = {m: store.has(m) for m in self.modalities}
+        if "image" in self.modalities and not self.from_store["image"]:
+            raise ConfigError(f"{features} has no image embeddings; run `mm featurize` with --image")
+        self._text_spec = (store.config.get("text") or {}).get("tokenizer", "open_clip:ViT-B-32")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _position(self) -> tuple[int, int, int, int]:
+        rank, world = self.rank, self.world_size
+        if rank is None or world is None:
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+            rank = torch.distributed.get_rank() if distributed else 0
+            world = torch.distributed.get_world_size() if distributed else 1
+        info = get_worker_info()
+        return rank, world, (info.id if info else 0), (info.num_workers if info else 1)
+
+    def my_shards(self) -> list[str]:
+        rank, world, worker, workers = self._position()
+        order = shard_order(self.shard_names, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle)
+        return split_shards(order, rank, world, worker, workers)
+
+    def __iter__(self) -> Iterator[dict]:
+        rank, world, worker, workers = self._position()
+        rng = np.random.default_rng([self.seed, self.epoch, rank, worker])
+        store = FeatureStore.open(self.features)
+        items = self._items(store, self.my_shards(), rng)
+        if self.shuffle:
+            items = _shuffled(items, self.shuffle_buffer, rng)
+        batch = []
+        for item in items:
+            batch.append(item)
+            if len(batch) == self.batch_size:
+                yield collate(batch, self.modalities)
+                batch = []
+        if batch and not self.drop_last:
+            yield collate(batch, self.modalities)
+
+    def _items(self, store: FeatureStore, names: list[str], rng: np.random.Generator) -> Iterator[Item]:
+        fallback = _TarFallback(self._text_spec) if not all(self.from_store.values()) else None
+        for name in names:
+            features = store.read_shard(name, image="image" in self.modalities,
+                                        text=self.from_store.get("text", False),
+                                        audio=self.from_store.get("audio", False))
+            if fallback is not None:
+                fallback.fill(self.shards / name, features, text="text" in self.modalities and not self.from_store["text"],
+                              audio="audio" in self.modalities and not self.from_store["audio"])
+            for row in range(len(features.keys)):
+                yield self._item(features, row, rng)
+
+    def _item(self, features: ShardFeatures, row: int, rng: np.random.Generator) -> Item:
+        item = Item(features.keys[row])
+        if features.image is not None:
+            item.image = features.image[row]
+        caption_id = None
+        if features.tokens is not None and "text" in self.modalities:
+            c0, c1 = features.caption_offsets[row], features.caption_offsets[row + 1]
+            if c1 > c0:
+                pick = int(rng.integers(c0, c1))
+                item.tokens, caption_id = features.tokens[pick], int(features.caption_ids[pick])
+        if features.mel is not None and "audio" in self.modalities:
+            u0, u1 = features.utterance_offsets[row], features.utterance_offsets[row + 1]
+            spoken = list(range(u0, u1))
+            if caption_id is not None:  # the utterance that speaks the chosen caption
+                spoken = [u for u in spoken if features.utterance_caption_ids[u] == caption_id]
+            if spoken:
+                pick = spoken[int(rng.integers(len(spoken)))]
+                mel = features.mel[features.frame_offsets[pick] : features.frame_offsets[pick + 1]]
+                item.mel = crop_frames(mel, self.max_audio_frames, rng if self.shuffle else None)
+                caption_id = int(features.utterance_caption_ids[pick]) if caption_id is None else caption_id
+        item.caption_id = -1 if caption_id is None else caption_id
+        return item
+
+
+def _shuffled(items: Iterator[Item], size: int, rng: np.random.Generator) -> Iterator[Item]:
+    buffer: list[Item] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        slot = int(rng.integers(len(buffer)))
+        yield buffer[slot]
+        buffer[slot] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class _TarFallback:
+    """Computes from the tar what the store lacks: caption tokens, log-mels."""
+
+    def __init__(self, text_spec: str):
+        self._text_spec, self._tokenizer, self._mel = text_spec, None, None
+
+    def fill(self, tar: Path, features: ShardFeatures, *, text: bool, audio: bool) -> None:
+        if not (text or audio):
+            return
+        wanted = {"json", "txt"} | ({"wav"} if audio else set())
+        captions, caption_ids, caption_counts, wavs, wav_ids, wav_counts = [], [], [], [], [], []
+        for key, members in iter_samples(tar, wanted):
+            texts = members.get("txt", b"").decode("utf-8").splitlines()
+            meta = json.loads(members["json"]) if "json" in members else {"captions": []}
+            ids = [c["id"] for c in meta["captions"]] or list(range(len(texts)))
+            captions += texts
+            caption_ids += ids[: len(texts)]
+            caption_counts.append(len(texts))
+            spoken = sorted((int(s.split(".")[0]), s) for s in members if s.endswith(".wav") and s.split(".")[0].isdigit())
+            wavs += [members[s] for _, s in spoken]
+            wav_ids += [n for n, _ in spoken]
+            wav_counts.append(len(spoken))
+        if text:
+            if self._tokenizer is None:
+                from trimodal.features.text import OpenClipTokenizer
+
+                self._tokenizer = OpenClipTokenizer(self._text_spec)
+            features.tokens = self._tokenizer(captions)
+            features.caption_ids = np.asarray(caption_ids, np.int32)
+            features.caption_offsets = np.concatenate([[0], np.cumsum(caption_counts)]).astype(np.int64)
+        if audio:
+            if self._mel is None:
+                from trimodal.features.audio import MelExtractor
+
+                self._mel = MelExtractor()
+            mels = self._mel.from_bytes(wavs)
+            features.mel = np.concatenate(mels) if mels else np.zeros((0, 80), np.float32)
+            features.frame_offsets = np.concatenate([[0], np.cumsum([len(m) for m in mels])]).astype(np.int64)
+            features.utterance_offsets = np.concatenate([[0], np.cumsum(wav_counts)]).astype(np.int64)
+            features.utterance_caption_ids = np.asarray(wav_ids, np.int32)
+
+
+@dataclass
+class SplitData:
+    """Every image, caption and utterance of a split, for evaluation."""
+
+    keys: list[str]
+    images: np.ndarray | None  # (N, D)
+    tokens: np.ndarray | None  # (C, L)
+    caption_image: np.ndarray | None  # (C,) row of each caption's image
+    mels: list[np.ndarray] | None  # U arrays (frames, n_mels)
+    utterance_image: np.ndarray | None  # (U,)
+
+
+def load_split(shards: Path, features: Path, split: str, modalities: Sequence[str] = MODALITIES,
+               max_audio_frames: int = 1000) -> SplitData:
+    index, store = open_sources(Path(shards), Path(features), split)
+    names = [s["name"] for s in index["splits"][split]["shards"]]
+    keys, images, tokens, caption_image, mels, utterance_image = [], [], [], [], [], []
+    fallback = _TarFallback((store.config.get("text") or {}).get("tokenizer", "open_clip:ViT-B-32"))
+    for name in names:
+        part = store.read_shard(name, image="image" in modalities, text=store.has("text"), audio=store.has("audio"))
+        fallback.fill(Path(shards) / name, part, text="text" in modalities and not store.has("text"),
+                      audio="audio" in modalities and not store.has("audio") and "audio" in index.get("modalities", []))
+        base = len(keys)
+        keys += part.keys
+        if part.image is not None:
+            images.append(part.image.astype(np.float32))
+        if part.tokens is not None and "text" in modalities:
+            tokens.append(part.tokens)
+            caption_image.append(base + np.repeat(np.arange(len(part.keys)), np.diff(part.caption_offsets)))
+        if part.mel is not None and "audio" in modalities:
+            for u in range(len(part.frame_offsets) - 1):
+                mels.append(crop_frames(part.mel[part.frame_offsets[u] : part.frame_offsets[u + 1]], max_audio_frames, None))
+            utterance_image.append(base + np.repeat(np.arange(len(part.keys)), np.diff(part.utterance_offsets)))
+    return SplitData(
+        keys=keys,
+        images=np.concatenate(images) if images else None,
+        tokens=np.concatenate(tokens) if tokens else None,
+        caption_image=np.concatenate(caption_image) if caption_image else None,
+        mels=mels if mels else None,
+        utterance_image=np.concatenate(utterance_image) if utterance_image else None,
+    )

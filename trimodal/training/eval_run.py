@@ -1,0 +1,62 @@
+"""`mm eval`: a trained run's checkpoint evaluated by retrieval on a split, optionally with TTT."""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+
+from trimodal.errors import ConfigError, TrimodalError
+from trimodal.features.image import resolve_device
+from trimodal.training.checkpoint import load_weights
+from trimodal.training.data import load_split
+from trimodal.training.evaluate import adapted_evaluation, evaluate_split, mean_recall
+from trimodal.training.models import build_model
+from trimodal.training.trainer import CHECKPOINTS
+
+
+def read_resolved_config(run: Path) -> dict:
+    path = Path(run) / "config.resolved.toml"
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TrimodalError(f"{run} is not a training run (no config.resolved.toml)") from None
+    except (OSError, tomllib.TOMLDecodeError) as error:
+        raise TrimodalError(f"cannot read {path}: {error}") from error
+
+
+def evaluate_run(run: Path, *, split: str = "test", checkpoint: str = "best", ttt: bool = False,
+                 shards: Path | None = None, features: Path | None = None, device: str = "auto") -> dict:
+    """Evaluate and write `run/eval-<split>.json`; returns what was written."""
+    if checkpoint not in ("best", "last"):
+        raise ConfigError(f"--checkpoint must be best or last (got {checkpoint!r})")
+    run = Path(run)
+    resolved = read_resolved_config(run)
+    shards = Path(shards or resolved["data"]["shards"])
+    features = Path(features or resolved["data"]["features"])
+    model_settings = dict(resolved["model"])
+    model = build_model(model_settings.pop("name"), **model_settings)
+    load_weights(model, run / CHECKPOINTS / f"{checkpoint}.safetensors")
+    target = resolve_device(device)
+    model.to(target)
+    train = resolved["train"]
+    from trimodal.training.config import TrainConfig
+    from trimodal.training.trainer import max_audio_frames
+
+    data = load_split(shards, features, split, train["modalities"],
+                      max_audio_frames(TrainConfig(max_audio_seconds=float(train["max_audio_seconds"]))))
+    result = {"split": split, "checkpoint": checkpoint, "images": len(data.keys),
+              "captions": 0 if data.tokens is None else len(data.tokens),
+              "utterances": 0 if data.mels is None else len(data.mels),
+              "directions": evaluate_split(model, data, target, train["eval_batch_size"]), "ttt": ttt}
+    result["mean_recall"] = mean_recall(result["directions"])
+    if ttt:
+        result["directions_ttt"] = adapted_evaluation(model, data, target, train["eval_batch_size"])
+        result["mean_recall_ttt"] = mean_recall(result["directions_ttt"])
+        result["ttt_settings"] = {"k": model.ttt_k, "step": model.ttt_step}
+    path = run / f"eval-{split}.json"
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+    return result

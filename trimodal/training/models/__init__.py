@@ -1,0 +1,47 @@
+"""Model registry: families are built by name from a config's flat [model] table."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+from trimodal.errors import ConfigError
+
+_BUILDERS: dict[str, Callable] = {}
+
+
+def register_model(name: str):
+    def decorate(builder: Callable) -> Callable:
+        _BUILDERS[name] = builder
+        return builder
+
+    return decorate
+
+
+def available_models() -> list[str]:
+    _load_families()
+    return sorted(_BUILDERS)
+
+
+def build_model(name: str, **kwargs):
+    """Build model `name`; every unknown or mistyped argument is reported at once."""
+    _load_families()
+    if name not in _BUILDERS:
+        raise ConfigError(f"unknown model {name!r}; known models: {', '.join(sorted(_BUILDERS))}")
+    builder = _BUILDERS[name]
+    parameters = inspect.signature(builder).parameters
+    unknown = sorted(set(kwargs) - set(parameters))
+    if unknown:
+        raise ConfigError(f"model {name!r} has no setting {', '.join(unknown)}; "
+                          f"its settings: {', '.join(p for p in parameters)}")
+    return builder(**kwargs)
+
+
+def model_defaults(name: str) -> dict:
+    _load_families()
+    return {k: p.default for k, p in inspect.signature(_BUILDERS[name]).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def _load_families() -> None:
+    from trimodal.training.models import mmn  # noqa: F401  (registers itself)

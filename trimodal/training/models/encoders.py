@@ -1,0 +1,99 @@
+"""Per-modality encoders that turn cached features into one vector each (shared by model families)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over dim 1 of (B, T, D) where `mask` (B, T) is True."""
+    weights = mask.unsqueeze(-1).to(values.dtype)
+    return (values * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+def sinusoidal_positions(length: int, dim: int, device=None) -> torch.Tensor:
+    position = torch.arange(length, device=device, dtype=torch.float32).unsqueeze(1)
+    frequency = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10_000.0) / dim))
+    table = torch.zeros(length, dim, device=device)
+    table[:, 0::2] = torch.sin(position * frequency)
+    table[:, 1::2] = torch.cos(position * frequency[: dim // 2])
+    return table
+
+
+def transformer(dim: int, heads: int, layers: int, dropout: float) -> nn.TransformerEncoder:
+    layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=4 * dim, dropout=dropout, activation="gelu",
+                                       batch_first=True, norm_first=True)
+    return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+
+class TextEncoder(nn.Module):
+    """Token ids (B, L), 0-padded -> (B, dim): embeddings + positions, Transformer, masked mean."""
+
+    def __init__(self, vocab_size: int, context_length: int, dim: int, heads: int, layers: int, dropout: float):
+        super().__init__()
+        self.tokens = nn.Embedding(vocab_size, dim)
+        self.positions = nn.Parameter(torch.randn(context_length, dim) * 0.01)
+        self.encoder = transformer(dim, heads, layers, dropout)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        mask = ids != 0
+        length = int(mask.sum(1).max().clamp(min=1))  # drop the all-padding tail of the batch
+        ids, mask = ids[:, :length], mask[:, :length]
+        hidden = self.tokens(ids) + self.positions[:length]
+        hidden = self.encoder(hidden, src_key_padding_mask=~mask)
+        return self.norm(masked_mean(hidden, mask))
+
+
+class ImageEncoder(nn.Module):
+    """A cached pooled embedding (B, D) -> (B, dim) through an MLP; or patch tokens (B, T, W) through a
+    small Transformer."""
+
+    def __init__(self, input_dim: int, dim: int, *, tokens: bool = False, heads: int = 4, layers: int = 1,
+                 dropout: float = 0.1):
+        super().__init__()
+        self.tokens = tokens
+        self.input = nn.Sequential(nn.LayerNorm(input_dim), nn.Linear(input_dim, dim))
+        if tokens:
+            self.encoder = transformer(dim, heads, layers, dropout)
+        else:
+            self.mlp = nn.Sequential(nn.GELU(), nn.Dropout(dropout), nn.Linear(dim, dim))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        hidden = self.input(features)
+        if self.tokens:
+            hidden = self.encoder(hidden + sinusoidal_positions(hidden.shape[1], hidden.shape[2], hidden.device)).mean(1)
+        else:
+            hidden = hidden + self.mlp(hidden)
+        return self.norm(hidden)
+
+
+class AudioEncoder(nn.Module):
+    """Log-mel frames (B, T, n_mels) with a validity mask -> (B, dim): per-utterance normalisation, a
+    strided convolutional front-end (4x fewer frames), Transformer, masked mean."""
+
+    def __init__(self, n_mels: int, dim: int, heads: int, layers: int, dropout: float):
+        super().__init__()
+        self.frontend = nn.Sequential(
+            nn.Conv1d(n_mels, dim, kernel_size=5, stride=2, padding=2), nn.GELU(),
+            nn.Conv1d(dim, dim, kernel_size=5, stride=2, padding=2), nn.GELU(),
+        )
+        self.encoder = transformer(dim, heads, layers, dropout)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, mel: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        weights = mask.unsqueeze(-1).to(mel.dtype)
+        count = weights.sum(1, keepdim=True).clamp(min=1.0)
+        mean = (mel * weights).sum(1, keepdim=True) / count
+        std = (((mel - mean) ** 2 * weights).sum(1, keepdim=True) / count).sqrt().clamp(min=1e-3)
+        mel = (mel - mean) / std * weights
+        hidden = self.frontend(mel.transpose(1, 2)).transpose(1, 2)
+        # A frame of the 4x shorter sequence is valid when its first source frame was.
+        mask = mask[:, ::4][:, : hidden.shape[1]]
+        hidden = hidden + sinusoidal_positions(hidden.shape[1], hidden.shape[2], hidden.device)
+        hidden = self.encoder(hidden, src_key_padding_mask=~mask)
+        return self.norm(masked_mean(hidden, mask))

@@ -1,0 +1,55 @@
+"""PNG plots of a run's metrics: training losses per step, validation recalls per epoch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_run(run: Path) -> list[Path]:
+    records = read_metrics(run / "metrics.jsonl")
+    out = run / "plots"
+    out.mkdir(exist_ok=True)
+    written = []
+    train = [r for r in records if r["type"] == "train"]
+    if train:
+        figure, axis = plt.subplots(figsize=(7, 4))
+        steps = [r["step"] for r in train]
+        axis.plot(steps, [r["loss"] for r in train], label="total", linewidth=2)
+        for pair in sorted({p for r in train for p in r["losses"]}):
+            axis.plot(steps, [r["losses"].get(pair) for r in train], label=pair, alpha=0.7)
+        axis.set(xlabel="optimizer step", ylabel="InfoNCE loss", title="training loss")
+        axis.legend()
+        axis.grid(alpha=0.3)
+        figure.tight_layout()
+        figure.savefig(out / "losses.png", dpi=120)
+        plt.close(figure)
+        written.append(out / "losses.png")
+    val = [r for r in records if r["type"] == "val"]
+    if val:
+        figure, axis = plt.subplots(figsize=(7, 4))
+        epochs = [r["epoch"] for r in val]
+        for direction in val[-1]["directions"]:
+            axis.plot(epochs, [r["directions"].get(direction, {}).get("R@10") for r in val], marker="o", label=direction)
+        chance = [m["chance@10"] for m in val[-1]["directions"].values()]
+        if chance:
+            axis.axhline(max(chance), color="grey", linestyle="--", label="chance@10 (max)")
+        axis.set(xlabel="epoch", ylabel="R@10", title="validation retrieval", ylim=(0, 1))
+        axis.legend(fontsize=8)
+        axis.grid(alpha=0.3)
+        figure.tight_layout()
+        figure.savefig(out / "recalls.png", dpi=120)
+        plt.close(figure)
+        written.append(out / "recalls.png")
+    return written

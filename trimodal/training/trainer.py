@@ -1,0 +1,289 @@
+"""`mm train`: one readable training loop over the streamed shards and the feature store.
+
+    mm train configs/mmn-flickr8k.toml --shards shards/flickr8k --features features/flickr8k.zarr --out runs/mmn
+
+AdamW with a linear warm-up then cosine schedule (`lr_at`), gradient clipping and accumulation, bf16
+autocast on CUDA. Every epoch ends with validation retrieval, `checkpoints/last.*` (and `best.*` when
+validation improves), a line in `metrics.jsonl`, TensorBoard scalars and fresh PNG plots.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from trimodal import __version__
+from trimodal.errors import ConfigError, TrimodalError
+from trimodal.features.audio import MelConfig
+from trimodal.features.image import resolve_device
+from trimodal.progress import SILENT, Reporter
+from trimodal.training.checkpoint import load_state, load_weights, save_state, save_weights
+from trimodal.training.config import RunConfig, TrainConfig, dump_toml, load_config
+from trimodal.training.data import TrimodalDataset, load_split, open_sources
+from trimodal.training.evaluate import evaluate_split, mean_recall
+from trimodal.training.losses import MAX_LOGIT_SCALE, multimodal_infonce
+from trimodal.training.models import build_model
+from trimodal.training.plots import plot_run, read_metrics
+
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class TrainResult:
+    run: Path
+    parameters: int
+    device: str
+    epochs_run: int
+    best_epoch: int | None
+    best_mean_recall: float | None
+    last_val: dict | None
+
+
+def lr_at(step: int, train: TrainConfig, total_steps: int) -> float:
+    # 1) linear warm-up, 2) cosine decay to lr * min_lr_ratio at the last step
+    if step < train.warmup_steps:
+        return train.lr * (step + 1) / train.warmup_steps
+    progress = min(1.0, (step - train.warmup_steps) / max(1, total_steps - train.warmup_steps))
+    floor = train.lr * train.min_lr_ratio
+    return floor + (train.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def max_audio_frames(train: TrainConfig) -> int:
+    return MelConfig().frames(int(train.max_audio_seconds * MelConfig().sample_rate))
+
+
+def data_dims(store_config: dict, model_settings: dict) -> dict:
+    """Model settings the store decides (input sizes), unless the config sets them itself."""
+    dims = {}
+    if store_config.get("image"):
+        dims["image_dim"] = store_config["image"]["embed_dim"]
+    if store_config.get("text"):
+        dims["vocab_size"] = store_config["text"]["vocab_size"]
+        dims["context_length"] = store_config["text"]["context_length"]
+    if store_config.get("audio"):
+        dims["n_mels"] = store_config["audio"]["n_mels"]
+    return {**dims, **model_settings}
+
+
+def build_from_config(config: RunConfig, store_config: dict):
+    settings = data_dims(store_config, config.model)
+    return build_model(config.model_name, **settings), settings
+
+
+def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, norms, embeddings, memory slots and the temperature."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        exempt = parameter.ndim < 2 or name.endswith((".slots", "positions")) or "embedding" in name or "tokens." in name
+        (no_decay if exempt else decay).append(parameter)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": train.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=train.lr)
+
+
+def prepare_run_dir(run: Path, *, resume: bool, overwrite: bool) -> None:
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other")
+    if resume:
+        if not (run / CHECKPOINTS / "last.state.pt").is_file():
+            raise TrimodalError(f"{run} has no checkpoints/last.state.pt to resume from")
+        return
+    if run.exists() and any(run.iterdir()):
+        if not overwrite:
+            raise TrimodalError(f"{run} is not empty; pass --resume to continue that run or --overwrite to replace it")
+        shutil.rmtree(run)
+    run.mkdir(parents=True, exist_ok=True)
+
+
+def train(config_path: Path, shards: Path, features: Path, out: Path, *, resume: bool = False,
+          overwrite: bool = False, overrides: list[str] = (), reporter: Reporter = SILENT,
+          stop_after_epoch: int | None = None) -> TrainResult:
+    """Train the model of `config_path` into the run folder `out`. `stop_after_epoch` ends the run after
+    that epoch's checkpoint, as an interruption at an epoch boundary would (tests use it)."""
+    config = load_config(config_path, list(overrides))
+    settings = config.train
+    shards, features, run = Path(shards).resolve(), Path(features).resolve(), Path(out)
+    index, store = open_sources(shards, features, "train")
+    prepare_run_dir(run, resume=resume, overwrite=overwrite)
+    device = resolve_device(settings.device)
+    _seed_everything(settings.seed)
+
+    model, model_settings = build_from_config(config, store.config)
+    model.to(device)
+    parameters = sum(p.numel() for p in model.parameters())
+    optimizer = make_optimizer(model, settings)
+    dataset = TrimodalDataset(shards, features, "train", modalities=settings.modalities, batch_size=settings.batch_size,
+                              shuffle=True, seed=settings.seed, shuffle_buffer=settings.shuffle_buffer,
+                              max_audio_frames=max_audio_frames(settings))
+    loader = DataLoader(dataset, batch_size=None, num_workers=settings.num_workers, pin_memory=device.type == "cuda")
+    val_data = None
+    if settings.val_split in store.splits():
+        val_data = load_split(shards, features, settings.val_split, settings.modalities, max_audio_frames(settings))
+    steps_per_epoch = math.ceil(dataset.samples / (settings.batch_size * settings.grad_accum))
+    total_steps = steps_per_epoch * settings.epochs
+
+    start_epoch, step, best, best_epoch = 0, 0, -1.0, None
+    if resume:
+        load_weights(model, run / CHECKPOINTS / "last.safetensors")
+        state = load_state(run / CHECKPOINTS / "last.state.pt")
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"])
+        start_epoch, step, best = state["epoch"] + 1, state["step"], state["best"]
+        best_epoch = state.get("best_epoch")
+        _truncate_metrics(run / "metrics.jsonl", state["epoch"])
+    _write_resolved_config(run, config, model_settings, shards, features, parameters, device)
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run / "tensorboard"))
+    metrics_file = open(run / "metrics.jsonl", "a", encoding="utf-8")
+    last_val = None
+    try:
+        for epoch in range(start_epoch, settings.epochs):
+            dataset.set_epoch(epoch)
+            step = _train_epoch(model, loader, optimizer, settings, device, epoch, step, total_steps, dataset.samples,
+                                metrics_file, writer, reporter)
+            record = {"type": "val", "epoch": epoch, "step": step}
+            if val_data is not None:
+                record["directions"] = evaluate_split(model, val_data, device, settings.eval_batch_size)
+                record["mean_recall"] = mean_recall(record["directions"])
+                last_val = record
+                for direction, values in record["directions"].items():
+                    writer.add_scalar(f"val/{direction}/R@10", values["R@10"], epoch)
+                writer.add_scalar("val/mean_recall", record["mean_recall"], epoch)
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+            score = record.get("mean_recall", epoch)
+            if score > best:
+                best, best_epoch = score, epoch
+                save_weights(model, run / CHECKPOINTS / "best.safetensors", {"epoch": epoch, "step": step})
+            save_weights(model, run / CHECKPOINTS / "last.safetensors", {"epoch": epoch, "step": step})
+            state = {"optimizer": optimizer.state_dict(), "epoch": epoch, "step": step, "best": best,
+                     "best_epoch": best_epoch, "torch_rng": torch.get_rng_state()}
+            if device.type == "cuda":
+                state["cuda_rng"] = torch.cuda.get_rng_state()
+            save_state(run / CHECKPOINTS / "last.state.pt", state)
+            plot_run(run)
+            if stop_after_epoch is not None and epoch >= stop_after_epoch:
+                break
+    finally:
+        metrics_file.close()
+        writer.close()
+    return TrainResult(run, parameters, str(device), settings.epochs - start_epoch, best_epoch,
+                       best if best_epoch is not None and val_data is not None else None, last_val)
+
+
+def _train_epoch(model, loader, optimizer, settings: TrainConfig, device, epoch, step, total_steps, samples,
+                 metrics_file, writer, reporter) -> int:
+    model.train()
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=settings.amp and device.type == "cuda")
+    started, seen, pending = time.monotonic(), 0, 0
+    running: dict[str, float] = {}
+    with reporter.task(f"epoch {epoch + 1}/{settings.epochs}", total=samples, unit="samples") as task:
+        for batch in loader:
+            if len(batch["keys"]) < 2:
+                continue
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            present = {m: batch[f"{m}_present"] for m in settings.modalities}
+            with amp:
+                latents = model(batch)
+            loss, pair_losses = multimodal_infonce(latents, present, model.logit_scale, settings.loss_weights)
+            (loss / settings.grad_accum).backward()
+            pending += 1
+            seen += len(batch["keys"])
+            for name, value in {"loss": loss, **pair_losses}.items():
+                running[name] = running.get(name, 0.0) + float(value.detach())
+            running["batches"] = running.get("batches", 0) + 1
+            if pending == settings.grad_accum:
+                step = _optimizer_step(model, optimizer, settings, step, total_steps)
+                pending = 0
+                if step % settings.log_every == 0:
+                    _log_train(metrics_file, writer, running, epoch, step, optimizer, seen / (time.monotonic() - started), model)
+                    running = {}
+            task.advance(len(batch["keys"]))
+            task.update(description=f"epoch {epoch + 1}/{settings.epochs} loss {float(loss):.3f}")
+        if pending:
+            step = _optimizer_step(model, optimizer, settings, step, total_steps)
+        if running.get("batches"):
+            _log_train(metrics_file, writer, running, epoch, step, optimizer, seen / (time.monotonic() - started), model)
+    return step
+
+
+def _optimizer_step(model, optimizer, settings: TrainConfig, step: int, total_steps: int) -> int:
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, settings, total_steps)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+    return step + 1
+
+
+def _log_train(metrics_file, writer, running: dict, epoch: int, step: int, optimizer, samples_per_s: float, model) -> None:
+    batches = running.pop("batches")
+    means = {name: total / batches for name, total in running.items()}
+    record = {"type": "train", "epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"],
+              "loss": means.pop("loss"), "losses": means, "samples_per_s": samples_per_s,
+              "temperature": float(1 / model.logit_scale.exp())}
+    metrics_file.write(json.dumps(record) + "\n")
+    metrics_file.flush()
+    writer.add_scalar("train/loss", record["loss"], step)
+    for pair, value in means.items():
+        writer.add_scalar(f"train/loss/{pair}", value, step)
+    writer.add_scalar("train/lr", record["lr"], step)
+    writer.add_scalar("train/samples_per_s", samples_per_s, step)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _truncate_metrics(path: Path, last_epoch: int) -> None:
+    """Drop what an interrupted epoch logged after the checkpoint we resume from."""
+    kept = [r for r in read_metrics(path) if r["epoch"] <= last_epoch]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+
+
+def _versions() -> dict:
+    versions = {"trimodal": __version__}
+    for package in ("torch", "torchaudio", "open_clip_torch", "zarr", "webdataset", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def _git_commit() -> str:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                                capture_output=True, text=True, timeout=5)
+        return result.stdout.strip() if result.returncode == 0 else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def _write_resolved_config(run: Path, config: RunConfig, model_settings: dict, shards: Path, features: Path,
+                           parameters: int, device) -> None:
+    sections = {
+        "model": {"name": config.model_name, **model_settings},
+        "train": asdict(config.train),
+        "data": {"shards": str(shards), "features": str(features)},
+        "run": {"parameters": parameters, "device": str(device), "git_commit": _git_commit(), **_versions()},
+    }
+    (run / "config.resolved.toml").write_text(dump_toml(sections), encoding="utf-8")
