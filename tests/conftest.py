@@ -133,3 +133,23 @@ def mm(capsys):
         return CliResult(code, captured.out, captured.err)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def mini_shards(mini_root, tmp_path_factory) -> Path:
+    """The mini dataset sharded with the defaults (read-only)."""
+    from trimodal.pipeline.shard import ShardOptions, shard_dataset
+
+    out = tmp_path_factory.mktemp("mini-shards") / "mini"
+    shard_dataset("mini", mini_root, out, ShardOptions(workers=2))
+    return out
+
+
+@pytest.fixture(scope="session")
+def mini_features(mini_shards, tmp_path_factory) -> Path:
+    """The mini shards featurized with the defaults: random-init open_clip ViT-B-32, mel80, tokens."""
+    from trimodal.features.featurize import FeaturizeOptions, featurize
+
+    out = tmp_path_factory.mktemp("mini-features") / "mini.zarr"
+    featurize(mini_shards, out, FeaturizeOptions(device="cpu"))
+    return out

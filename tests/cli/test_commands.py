@@ -52,10 +52,18 @@ def test_progress_is_plain_lines_when_not_a_tty(mm, mini_copy, tmp_path):
     assert "\r" not in result.err and "\x1b[" not in result.err
 
 
-def test_demo_runs_download_validate_shard_info(mm, mini_root, tmp_path):
-    shutil.copytree(mini_root, tmp_path / "demo" / "data")
-    result = mm("demo", "--workdir", tmp_path / "demo")
-    assert result.exit_code == 0
-    lines = [line for line in result.out.splitlines() if line.startswith("[")]
-    assert [line[:5] for line in lines] == ["[1/6]", "[2/6]", "[3/6]", "[4/6]", "[5/6]", "[6/6]"]
-    assert (tmp_path / "demo" / "shards" / "mini" / "index.json").is_file()
+def test_featurize_train_eval_through_the_cli(mm, mini_shards, tmp_path):
+    store = tmp_path / "features.zarr"
+    result = mm("featurize", mini_shards, "--out", store, "--image", "open_clip:ViT-S-32", "--splits", "train,val",
+                "--device", "cpu")
+    assert result.exit_code == 0 and "RANDOM weights" in result.err and "1,200" in result.out
+    again = mm("featurize", mini_shards, "--out", store, "--image", "open_clip:ViT-S-32", "--splits", "train,val",
+               "--device", "cpu")
+    assert again.exit_code == 0 and "0 / 5" in again.out
+    run = tmp_path / "run"
+    trained = mm("train", "configs/mmn-tiny.toml", "--shards", mini_shards, "--features", store, "--out", run,
+                 "train.epochs=1", "train.num_workers=0", 'train.device="cpu"')
+    assert trained.exit_code == 0, trained.output
+    assert "parameters" in trained.out and "image->text" in trained.out
+    evaluated = mm("eval", run, "--split", "val", "--ttt")
+    assert evaluated.exit_code == 0 and "TTT" in evaluated.out and (run / "eval-val.json").is_file()

@@ -145,3 +145,51 @@ def test_debug_shows_the_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "trimodal", "--debug", "validate", "flickr8k", "--root", str(tmp_path)],
                             capture_output=True, text=True)
     assert result.returncode == 1 and "Traceback" in result.stderr
+
+
+def test_featurize_a_folder_without_shards(mm, tmp_path):
+    assert_one_clear_error(mm("featurize", tmp_path, "--out", tmp_path / "f.zarr"), "no index.json")
+
+
+def test_featurize_with_a_missing_weights_file(mm, mini_shards, tmp_path):
+    result = mm("featurize", mini_shards, "--out", tmp_path / "f.zarr", "--image", "open_clip:ViT-S-32:/nowhere/w.pt")
+    assert_one_clear_error(result, "weights file /nowhere/w.pt does not exist")
+
+
+def test_featurize_on_cuda_without_a_gpu(mm, mini_shards, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert_one_clear_error(mm("featurize", mini_shards, "--out", tmp_path / "f.zarr", "--device", "cuda"), "no CUDA device")
+
+
+def test_train_with_a_config_that_does_not_exist(mm, mini_shards, mini_features, tmp_path):
+    result = mm("train", tmp_path / "nope.toml", "--shards", mini_shards, "--features", mini_features, "--out", tmp_path / "r")
+    assert_one_clear_error(result, "nope.toml does not exist")
+
+
+def test_train_with_a_bad_override(mm, mini_shards, mini_features, tmp_path):
+    result = mm("train", "configs/mmn-tiny.toml", "--shards", mini_shards, "--features", mini_features,
+                "--out", tmp_path / "r", "train.epochs=zero")
+    assert_one_clear_error(result, "epochs")
+
+
+def test_train_with_features_from_other_shards(mm, mini_features, tmp_path):
+    tree = build_flickr_tree(tmp_path / "data")
+    from trimodal.pipeline.shard import shard_dataset
+
+    shard_dataset("flickr8k", tree.root, tmp_path / "shards")
+    result = mm("train", "configs/mmn-tiny.toml", "--shards", tmp_path / "shards", "--features", mini_features,
+                "--out", tmp_path / "r")
+    assert_one_clear_error(result, "stale cache")
+
+
+def test_train_with_a_store_that_does_not_exist(mm, mini_shards, tmp_path):
+    result = mm("train", "configs/mmn-tiny.toml", "--shards", mini_shards, "--features", tmp_path / "none.zarr",
+                "--out", tmp_path / "r")
+    assert_one_clear_error(result, "is not a feature store")
+
+
+def test_eval_of_a_folder_that_is_not_a_run(mm, tmp_path):
+    assert_one_clear_error(mm("eval", tmp_path), "is not a training run")

@@ -11,11 +11,12 @@ def recall_table(directions: dict, *, title: str, ttt: dict | None = None) -> Ta
     for column in ("R@1", "R@5", "R@10", "median rank", "chance@10"):
         table.add_column(column, justify="right")
     if ttt:
-        table.add_column("R@10 with TTT", justify="right")
+        for column in ("TTT R@1", "TTT R@10"):
+            table.add_column(column, justify="right", style="cyan")
     for name, metrics in directions.items():
         row = [name, *(f"{metrics[k]:.3f}" for k in ("R@1", "R@5", "R@10")), f"{metrics['median_rank']:g}",
                f"{metrics['chance@10']:.3f}"]
         if ttt:
-            row.append(f"{ttt[name]['R@10']:.3f}" if name in ttt else "–")
+            row += [f"{ttt[name][k]:.3f}" if name in ttt else "–" for k in ("R@1", "R@10")]
         table.add_row(*row)
     return table

@@ -1,0 +1,116 @@
+import json
+import tomllib
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trimodal.errors import ConfigError, TrimodalError
+from trimodal.training.config import load_config, shipped_config
+from trimodal.training.eval_run import evaluate_run
+from trimodal.training.trainer import lr_at, train
+
+QUICK = ["train.epochs=2", "train.num_workers=0", "train.batch_size=50", "train.warmup_steps=2",
+         "model.layers=1", "model.model_dim=64", "model.latent_dim=32", "model.memory_slots=8", "model.central_slots=8"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(mini_shards, mini_features, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "quick"
+    result = train(shipped_config("mmn-tiny"), mini_shards, mini_features, run, overrides=QUICK)
+    return run, result
+
+
+def test_a_run_writes_checkpoints_metrics_plots_and_the_resolved_config(quick_run, mini_shards, mini_features):
+    run, result = quick_run
+    for name in ("config.resolved.toml", "metrics.jsonl", "checkpoints/best.safetensors", "checkpoints/last.safetensors",
+                 "checkpoints/last.state.pt", "plots/losses.png", "plots/recalls.png"):
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    resolved = tomllib.loads((run / "config.resolved.toml").read_text())
+    assert resolved["data"] == {"shards": str(mini_shards.resolve()), "features": str(mini_features.resolve())}
+    assert resolved["model"]["name"] == "mmn" and resolved["model"]["image_dim"] == 512
+    assert resolved["run"]["torch"] and resolved["run"]["git_commit"] and resolved["run"]["parameters"] == result.parameters
+    state = torch.load(run / "checkpoints" / "last.state.pt", weights_only=True)
+    assert state["epoch"] == 1 and set(state) >= {"optimizer", "torch_rng", "step", "best"}
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if r["type"] == "train"]
+    assert train_records and set(train_records[0]["losses"]) == {"image-text", "image-audio", "text-audio"}
+    assert [r["epoch"] for r in records if r["type"] == "val"] == [0, 1]
+
+
+def test_a_non_empty_run_folder_is_refused(quick_run, mini_shards, mini_features):
+    run, _ = quick_run
+    with pytest.raises(TrimodalError, match="not empty; pass --resume .* or --overwrite"):
+        train(shipped_config("mmn-tiny"), mini_shards, mini_features, run, overrides=QUICK)
+
+
+def test_eval_writes_all_six_directions_and_ttt_side_by_side(quick_run):
+    run, _ = quick_run
+    result = evaluate_run(run, split="test", checkpoint="last", ttt=True, device="cpu")
+    written = json.loads((run / "eval-test.json").read_text())
+    assert written["split"] == "test" and written["ttt"] is True
+    names = ["image->text", "text->image", "image->audio", "audio->image", "text->audio", "audio->text"]
+    assert list(written["directions"]) == names and list(written["directions_ttt"]) == names
+    for metrics in written["directions"].values():
+        assert 0 <= metrics["R@1"] <= metrics["R@5"] <= metrics["R@10"] <= 1
+        assert metrics["median_rank"] >= 1 and 0 < metrics["chance@10"] < 1
+    assert result["images"] == 60 and result["captions"] == 300 and result["utterances"] == 300
+
+
+def test_eval_without_ttt_has_only_the_plain_result(quick_run):
+    run, _ = quick_run
+    written = evaluate_run(run, split="val", device="cpu")
+    assert written["ttt"] is False and "directions_ttt" not in written
+    assert (run / "eval-val.json").is_file()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resuming_at_an_epoch_boundary_ends_with_the_same_weights(mini_shards, mini_features, tmp_path, workers):
+    config = shipped_config("mmn-tiny")
+    overrides = QUICK + [f"train.num_workers={workers}"]
+    straight = train(config, mini_shards, mini_features, tmp_path / "straight", overrides=overrides)
+    train(config, mini_shards, mini_features, tmp_path / "resumed", overrides=overrides, stop_after_epoch=0)
+    assert json.loads((tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 0
+    train(config, mini_shards, mini_features, tmp_path / "resumed", overrides=overrides, resume=True)
+    a = load_file(str(tmp_path / "straight" / "checkpoints" / "last.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "checkpoints" / "last.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert straight.epochs_run == 2
+
+
+def test_resume_without_a_checkpoint_is_an_error(mini_shards, mini_features, tmp_path):
+    with pytest.raises(TrimodalError, match="nothing to resume|no checkpoints"):
+        train(shipped_config("mmn-tiny"), mini_shards, mini_features, tmp_path / "new", overrides=QUICK, resume=True)
+
+
+def test_config_problems_are_reported_together(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[model]\nname = "mmn"\ncolour = 3\nlayers = "two"\n[train]\nepochs = 0\nspeed = 1\n[extra]\n')
+    with pytest.raises(ConfigError) as error:
+        load_config(bad, ["train.lr=-1"])
+    message = str(error.value)
+    for fragment in ("unknown section [extra]", "colour", "layers", "epochs must be at least 1", "speed", "lr must be positive"):
+        assert fragment in message
+
+
+def test_overrides_take_toml_values(tmp_path):
+    config = load_config(shipped_config("mmn-tiny"), ["train.epochs=3", "model.dropout=0.2", 'train.device="cpu"'])
+    assert config.train.epochs == 3 and config.model["dropout"] == 0.2 and config.train.device == "cpu"
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(shipped_config("mmn-tiny"), ["epochs=3"])
+
+
+def test_the_schedule_warms_up_then_decays_to_the_floor():
+    config = load_config(shipped_config("mmn-tiny"), ["train.warmup_steps=10", "train.lr=0.001"]).train
+    assert lr_at(0, config, 100) == pytest.approx(0.0001)
+    assert lr_at(9, config, 100) == pytest.approx(0.001)
+    assert lr_at(100, config, 100) == pytest.approx(0.001 * config.min_lr_ratio)
+
+
+def test_the_full_size_config_has_the_specified_shape():
+    config = load_config(shipped_config("mmn-flickr8k"))
+    assert (config.model["latent_dim"], config.model["memory_slots"], config.model["heads"], config.model["layers"]) == (256, 64, 4, 3)
+    assert config.train.batch_size == 64 and config.train.amp is True
+    for name in ("mmn-tiny", "mmn-flickr8k"):
+        assert shipped_config(name).read_text().startswith("# mm train configs/")
