@@ -172,12 +172,16 @@ def _featurize_shard(path: Path, entry: dict, extractors: _Extractors, batch_siz
     stages = [stage for stage in (extractors.image, extractors.mel) if stage]
     share = len(keys) / max(1, len(stages))
     if extractors.image:
+        if any(blob is None for blob in image_blobs):
+            raise ShardError(f"{path}: a sample has no image member")
+        chunks = [image_blobs[start : start + batch_size] for start in range(0, len(image_blobs), batch_size)]
+        decode = lambda blob: extractors.image.pixels([blob])[0]  # noqa: E731
+        # Decoding the next batch on the pool overlaps with the tower running on this one.
+        pending = [pool.submit(decode, blob) for blob in chunks[0]] if chunks else []
         pooled, tokens = [], []
-        for start in range(0, len(image_blobs), batch_size):
-            chunk = image_blobs[start : start + batch_size]
-            if any(blob is None for blob in chunk):
-                raise ShardError(f"{path}: a sample has no image member")
-            pixels = torch.stack(list(pool.map(lambda blob: extractors.image.pixels([blob])[0], chunk)))
+        for number, chunk in enumerate(chunks):
+            pixels = torch.stack([future.result() for future in pending])
+            pending = [pool.submit(decode, blob) for blob in chunks[number + 1]] if number + 1 < len(chunks) else []
             batch_pooled, batch_tokens = extractors.image.encode_pixels(pixels)
             pooled.append(batch_pooled)
             if batch_tokens is not None:
