@@ -16,11 +16,11 @@ def iter_samples(path: Path, suffixes: set[str] | None = None) -> Iterator[tuple
     """(key, {suffix: bytes}) for each sample of a webdataset tar, members grouped by key.
 
     The key is the member name up to its first dot (`KEY.3.wav` is suffix `3.wav` of `KEY`); with
-    `suffixes`, only those members are read (the rest are skipped without being copied).
+    `suffixes`, only those members are read; the rest are skipped by seeking past them.
     """
     key, members = None, {}
     try:
-        with tarfile.open(path, mode="r|") as tar:
+        with tarfile.open(path, mode="r:") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
