@@ -58,6 +58,14 @@ def test_eval_writes_all_six_directions_and_ttt_side_by_side(quick_run):
     assert result["images"] == 60 and result["captions"] == 300 and result["utterances"] == 300
 
 
+def test_ttt_settings_can_be_chosen_at_eval_time(quick_run):
+    run, _ = quick_run
+    result = evaluate_run(run, split="val", ttt=True, ttt_k=1, ttt_step=0.5, device="cpu")
+    assert result["ttt_settings"] == {"k": 1, "step": 0.5}
+    with pytest.raises(ConfigError, match="--ttt-k"):
+        evaluate_run(run, split="val", ttt=True, ttt_k=0, device="cpu")
+
+
 def test_eval_without_ttt_has_only_the_plain_result(quick_run):
     run, _ = quick_run
     written = evaluate_run(run, split="val", device="cpu")

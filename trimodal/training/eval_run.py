@@ -27,7 +27,8 @@ def read_resolved_config(run: Path) -> dict:
 
 
 def evaluate_run(run: Path, *, split: str = "test", checkpoint: str = "best", ttt: bool = False,
-                 shards: Path | None = None, features: Path | None = None, device: str = "auto") -> dict:
+                 shards: Path | None = None, features: Path | None = None, device: str = "auto",
+                 ttt_k: int | None = None, ttt_step: float | None = None) -> dict:
     """Evaluate and write `run/eval-<split>.json`; returns what was written."""
     if checkpoint not in ("best", "last"):
         raise ConfigError(f"--checkpoint must be best or last (got {checkpoint!r})")
@@ -52,7 +53,10 @@ def evaluate_run(run: Path, *, split: str = "test", checkpoint: str = "best", tt
               "directions": evaluate_split(model, data, target, train["eval_batch_size"]), "ttt": ttt}
     result["mean_recall"] = mean_recall(result["directions"])
     if ttt:
-        result["directions_ttt"] = adapted_evaluation(model, data, target, train["eval_batch_size"])
+        if (ttt_k is not None and ttt_k < 1) or (ttt_step is not None and not 0 < ttt_step <= 1):
+            raise ConfigError("--ttt-k must be at least 1 and --ttt-step in (0, 1]")
+        result["directions_ttt"] = adapted_evaluation(model, data, target, train["eval_batch_size"],
+                                                      k=ttt_k, step=ttt_step)
         result["mean_recall_ttt"] = mean_recall(result["directions_ttt"])
         result["ttt_settings"] = {"k": model.ttt_k, "step": model.ttt_step}
     path = run / f"eval-{split}.json"

@@ -95,10 +95,11 @@ def mean_recall(directions: dict) -> float:
     return float(np.mean(values)) if values else 0.0
 
 
-def adapted_evaluation(model, data: SplitData, device: torch.device, batch_size: int = 256) -> dict:
+def adapted_evaluation(model, data: SplitData, device: torch.device, batch_size: int = 256, *,
+                       k: int | None = None, step: float | None = None) -> dict:
     """Test-time training: one pass over the split's inputs writes the memory (top-k slots per query),
     then the split is evaluated with the adapted memory; the trained memory is restored after."""
-    model.start_test_time_training()
+    model.start_test_time_training(k, step)
     try:
         embed_split(model, data, device, batch_size)  # the adaptation pass
         model.test_time_training = False
