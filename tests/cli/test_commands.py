@@ -1,5 +1,4 @@
 import json
-import shutil
 
 from trimodal import __version__
 

@@ -17,7 +17,7 @@ from trimodal.features.store import FeatureStore, ShardFeatures, StaleCacheError
 from trimodal.features.text import OpenClipTokenizer
 from trimodal.pipeline.samples import SPLITS
 from trimodal.pipeline.shard import read_index
-from trimodal.pipeline.stream import index_fingerprint, iter_samples
+from trimodal.pipeline.stream import index_fingerprint, offsets, read_shard
 from trimodal.progress import SILENT, Reporter
 
 
@@ -144,25 +144,10 @@ def _open_or_create(path: Path, shards: Path, index: dict, splits: list[str], co
 
 def _featurize_shard(path: Path, entry: dict, extractors: _Extractors, batch_size: int, pool: ThreadPoolExecutor,
                      advance) -> ShardFeatures:
-    keys, image_blobs, captions, caption_ids, caption_counts = [], [], [], [], []
-    wav_blobs, utterance_caption_ids, utterance_counts = [], [], []
-    wanted = {"json", "txt", "jpg", "png"} | ({"wav"} if extractors.mel else set())
-    for key, members in iter_samples(path, wanted):
-        keys.append(key)
-        image_blobs.append(members.get("jpg") or members.get("png"))
-        meta = json.loads(members["json"]) if "json" in members else {"captions": []}
-        texts = members.get("txt", b"").decode("utf-8").splitlines()
-        ids = [c["id"] for c in meta["captions"]] or list(range(len(texts)))
-        captions += texts
-        caption_ids += ids[: len(texts)]
-        caption_counts.append(len(texts))
-        if extractors.mel:
-            spoken = sorted((int(s.split(".")[0]), s) for s in members if s.endswith(".wav") and s.split(".")[0].isdigit())
-            wav_blobs += [members[suffix] for _, suffix in spoken]
-            utterance_caption_ids += [caption for caption, _ in spoken]
-            utterance_counts.append(len(spoken))
+    contents = read_shard(path, images=extractors.image is not None, audio=extractors.mel is not None)
+    keys, image_blobs, wav_blobs = contents.keys, contents.images, contents.wavs
     expected = (entry["samples"], entry["captions"], entry["utterances"] if extractors.mel else len(wav_blobs))
-    found = (len(keys), len(captions), len(wav_blobs))
+    found = (len(keys), len(contents.captions), len(wav_blobs))
     if found != expected or len(set(keys)) != len(keys):
         raise ShardError(f"{path} does not match its index.json entry (samples, captions, utterances: "
                          f"found {found}, index says {expected}); run `mm shard` again")
@@ -190,9 +175,9 @@ def _featurize_shard(path: Path, entry: dict, extractors: _Extractors, batch_siz
         features.image = np.concatenate(pooled) if pooled else np.zeros((0, extractors.image.embed_dim))
         features.image_tokens = np.concatenate(tokens) if tokens else None
     if extractors.text:
-        features.tokens = extractors.text(captions)
-        features.caption_ids = np.asarray(caption_ids, dtype=np.int32)
-        features.caption_offsets = np.concatenate([[0], np.cumsum(caption_counts)]).astype(np.int64)
+        features.tokens = extractors.text(contents.captions)
+        features.caption_ids = np.asarray(contents.caption_ids, dtype=np.int32)
+        features.caption_offsets = offsets(contents.caption_counts)
     if extractors.mel:
         waveforms = list(pool.map(lambda blob: extractors.mel.resample(*decode_wav(blob)), wav_blobs))
         mels = extractors.mel.batched(waveforms, batch_size,
@@ -200,9 +185,9 @@ def _featurize_shard(path: Path, entry: dict, extractors: _Extractors, batch_siz
         if not waveforms:
             advance(share)
         features.mel = np.concatenate(mels) if mels else np.zeros((0, extractors.mel.config.n_mels), np.float32)
-        features.frame_offsets = np.concatenate([[0], np.cumsum([len(m) for m in mels])]).astype(np.int64)
-        features.utterance_offsets = np.concatenate([[0], np.cumsum(utterance_counts)]).astype(np.int64)
-        features.utterance_caption_ids = np.asarray(utterance_caption_ids, dtype=np.int32)
+        features.frame_offsets = offsets([len(m) for m in mels])
+        features.utterance_offsets = offsets(contents.wav_counts)
+        features.utterance_caption_ids = np.asarray(contents.wav_caption_ids, dtype=np.int32)
     if not stages:
         advance(len(keys))
     return features

@@ -7,7 +7,10 @@ import json
 import random
 import tarfile
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from trimodal.errors import ShardError
 
@@ -36,6 +39,47 @@ def iter_samples(path: Path, suffixes: set[str] | None = None) -> Iterator[tuple
         raise ShardError(f"cannot read shard {path}: {error}") from error
     if key is not None:
         yield key, members
+
+
+@dataclass
+class ShardContents:
+    """What one shard holds, flattened in sample order: CSR-style counts say which rows own what."""
+
+    keys: list[str] = field(default_factory=list)
+    images: list[bytes | None] = field(default_factory=list)
+    captions: list[str] = field(default_factory=list)
+    caption_ids: list[int] = field(default_factory=list)
+    caption_counts: list[int] = field(default_factory=list)
+    wavs: list[bytes] = field(default_factory=list)
+    wav_caption_ids: list[int] = field(default_factory=list)
+    wav_counts: list[int] = field(default_factory=list)
+
+
+def read_shard(path: Path, *, images: bool = True, audio: bool = True) -> ShardContents:
+    """Keys, image bytes, captions (with their ids) and spoken captions of one shard, in order."""
+    contents = ShardContents()
+    wanted = {"json", "txt"} | ({"jpg", "png"} if images else set()) | ({"wav"} if audio else set())
+    for key, members in iter_samples(path, wanted):
+        contents.keys.append(key)
+        if images:
+            contents.images.append(members.get("jpg") or members.get("png"))
+        texts = members.get("txt", b"").decode("utf-8").splitlines()
+        meta = json.loads(members["json"]) if "json" in members else {"captions": []}
+        ids = [caption["id"] for caption in meta["captions"]] or list(range(len(texts)))
+        contents.captions += texts
+        contents.caption_ids += ids[: len(texts)]
+        contents.caption_counts.append(len(texts))
+        if audio:  # member `<n>.wav` speaks caption n
+            spoken = sorted((int(s.split(".")[0]), s) for s in members if _is_wav(s) and s.split(".")[0].isdigit())
+            contents.wavs += [members[suffix] for _, suffix in spoken]
+            contents.wav_caption_ids += [caption for caption, _ in spoken]
+            contents.wav_counts.append(len(spoken))
+    return contents
+
+
+def offsets(counts: Sequence[int]) -> np.ndarray:
+    """CSR offsets (len(counts) + 1,) from per-row counts."""
+    return np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
 
 
 def _is_wav(suffix: str) -> bool:

@@ -18,7 +18,6 @@ each visit of an image picks one of its (caption, utterance) pairs at random, se
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from trimodal.errors import ConfigError, TrimodalError
 from trimodal.features.store import FeatureStore, ShardFeatures, StaleCacheError
 from trimodal.pipeline.shard import read_index
-from trimodal.pipeline.stream import index_fingerprint, iter_samples, shard_order, split_shards
+from trimodal.pipeline.stream import index_fingerprint, offsets, read_shard, shard_order, split_shards
 
 MODALITIES = ("image", "text", "audio")
 
@@ -211,37 +210,25 @@ class _TarFallback:
     def fill(self, tar: Path, features: ShardFeatures, *, text: bool, audio: bool) -> None:
         if not (text or audio):
             return
-        wanted = {"json", "txt"} | ({"wav"} if audio else set())
-        captions, caption_ids, caption_counts, wavs, wav_ids, wav_counts = [], [], [], [], [], []
-        for key, members in iter_samples(tar, wanted):
-            texts = members.get("txt", b"").decode("utf-8").splitlines()
-            meta = json.loads(members["json"]) if "json" in members else {"captions": []}
-            ids = [c["id"] for c in meta["captions"]] or list(range(len(texts)))
-            captions += texts
-            caption_ids += ids[: len(texts)]
-            caption_counts.append(len(texts))
-            spoken = sorted((int(s.split(".")[0]), s) for s in members if s.endswith(".wav") and s.split(".")[0].isdigit())
-            wavs += [members[s] for _, s in spoken]
-            wav_ids += [n for n, _ in spoken]
-            wav_counts.append(len(spoken))
+        contents = read_shard(tar, images=False, audio=audio)
         if text:
             if self._tokenizer is None:
                 from trimodal.features.text import OpenClipTokenizer
 
                 self._tokenizer = OpenClipTokenizer(self._text_spec)
-            features.tokens = self._tokenizer(captions)
-            features.caption_ids = np.asarray(caption_ids, np.int32)
-            features.caption_offsets = np.concatenate([[0], np.cumsum(caption_counts)]).astype(np.int64)
+            features.tokens = self._tokenizer(contents.captions)
+            features.caption_ids = np.asarray(contents.caption_ids, np.int32)
+            features.caption_offsets = offsets(contents.caption_counts)
         if audio:
             if self._mel is None:
                 from trimodal.features.audio import MelExtractor
 
                 self._mel = MelExtractor()
-            mels = self._mel.from_bytes(wavs)
+            mels = self._mel.from_bytes(contents.wavs)
             features.mel = np.concatenate(mels) if mels else np.zeros((0, 80), np.float32)
-            features.frame_offsets = np.concatenate([[0], np.cumsum([len(m) for m in mels])]).astype(np.int64)
-            features.utterance_offsets = np.concatenate([[0], np.cumsum(wav_counts)]).astype(np.int64)
-            features.utterance_caption_ids = np.asarray(wav_ids, np.int32)
+            features.frame_offsets = offsets([len(m) for m in mels])
+            features.utterance_offsets = offsets(contents.wav_counts)
+            features.utterance_caption_ids = np.asarray(contents.wav_caption_ids, np.int32)
 
 
 @dataclass
