@@ -203,8 +203,8 @@ def _train_epoch(model, loader, optimizer, settings: TrainConfig, device, epoch,
             (loss / settings.grad_accum).backward()
             pending += 1
             seen += len(batch["keys"])
-            for name, value in {"loss": loss, **pair_losses}.items():
-                running[name] = running.get(name, 0.0) + float(value.detach())
+            for name, value in {"loss": loss, **pair_losses}.items():  # summed on the device: no sync per step
+                running[name] = running.get(name, 0.0) + value.detach()
             running["batches"] = running.get("batches", 0) + 1
             if pending == settings.grad_accum:
                 step = _optimizer_step(model, optimizer, settings, step, total_steps)
@@ -213,12 +213,18 @@ def _train_epoch(model, loader, optimizer, settings: TrainConfig, device, epoch,
                     _log_train(metrics_file, writer, running, epoch, step, optimizer, seen / (time.monotonic() - started), model)
                     running = {}
             task.advance(len(batch["keys"]))
-            task.update(description=f"epoch {epoch + 1}/{settings.epochs} loss {float(loss):.3f}")
+            if _note_due(seen, settings.batch_size):
+                task.update(description=f"epoch {epoch + 1}/{settings.epochs} loss {float(loss.detach()):.3f}")
         if pending:
             step = _optimizer_step(model, optimizer, settings, step, total_steps)
         if running.get("batches"):
             _log_train(metrics_file, writer, running, epoch, step, optimizer, seen / (time.monotonic() - started), model)
     return step
+
+
+def _note_due(seen: int, batch_size: int, every: int = 10) -> bool:
+    """Refresh the loss shown on the progress bar every few batches (reading it syncs the GPU)."""
+    return (seen // batch_size) % every == 1
 
 
 def _optimizer_step(model, optimizer, settings: TrainConfig, step: int, total_steps: int) -> int:
@@ -234,7 +240,7 @@ def _optimizer_step(model, optimizer, settings: TrainConfig, step: int, total_st
 
 def _log_train(metrics_file, writer, running: dict, epoch: int, step: int, optimizer, samples_per_s: float, model) -> None:
     batches = running.pop("batches")
-    means = {name: total / batches for name, total in running.items()}
+    means = {name: float(total) / batches for name, total in running.items()}
     record = {"type": "train", "epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"],
               "loss": means.pop("loss"), "losses": means, "samples_per_s": samples_per_s,
               "temperature": float(1 / model.logit_scale.exp())}
