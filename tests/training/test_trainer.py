@@ -122,3 +122,9 @@ def test_the_full_size_config_has_the_specified_shape():
     assert config.train.batch_size == 64 and config.train.amp is True
     for name in ("mmn-tiny", "mmn-flickr8k"):
         assert shipped_config(name).read_text().startswith("# mm train configs/")
+
+
+def test_too_few_samples_for_full_batches_is_a_config_error(mini_shards, mini_features, tmp_path):
+    with pytest.raises(ConfigError, match="too few for full batches"):
+        train(shipped_config("mmn-tiny"), mini_shards, mini_features, tmp_path / "r",
+              overrides=["train.batch_size=150", "train.num_workers=2"])

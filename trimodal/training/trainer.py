@@ -124,12 +124,17 @@ def train(config_path: Path, shards: Path, features: Path, out: Path, *, resume:
     optimizer = make_optimizer(model, settings)
     dataset = TrimodalDataset(shards, features, "train", modalities=settings.modalities, batch_size=settings.batch_size,
                               shuffle=True, seed=settings.seed, shuffle_buffer=settings.shuffle_buffer,
-                              max_audio_frames=max_audio_frames(settings))
+                              max_audio_frames=max_audio_frames(settings), drop_last=True)
+    if dataset.samples < settings.batch_size * max(1, settings.num_workers):
+        raise ConfigError(f"the training split has {dataset.samples} samples, too few for full batches of "
+                          f"{settings.batch_size} on each of {max(1, settings.num_workers)} loader worker(s); "
+                          "lower train.batch_size or train.num_workers")
     loader = DataLoader(dataset, batch_size=None, num_workers=settings.num_workers, pin_memory=device.type == "cuda")
     val_data = None
     if settings.val_split in store.splits():
         val_data = load_split(shards, features, settings.val_split, settings.modalities, max_audio_frames(settings))
-    steps_per_epoch = math.ceil(dataset.samples / (settings.batch_size * settings.grad_accum))
+    # Every loader worker drops its last partial batch (contrastive losses want full batches).
+    steps_per_epoch = max(1, dataset.samples // (settings.batch_size * settings.grad_accum))
     total_steps = steps_per_epoch * settings.epochs
 
     start_epoch, step, best, best_epoch = 0, 0, -1.0, None
@@ -190,7 +195,7 @@ def _train_epoch(model, loader, optimizer, settings: TrainConfig, device, epoch,
     model.train()
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=settings.amp and device.type == "cuda")
     started, seen, pending = time.monotonic(), 0, 0
-    running: dict[str, float] = {}
+    running: dict = {}
     with reporter.task(f"epoch {epoch + 1}/{settings.epochs}", total=samples, unit="samples") as task:
         for batch in loader:
             if len(batch["keys"]) < 2:
@@ -217,8 +222,6 @@ def _train_epoch(model, loader, optimizer, settings: TrainConfig, device, epoch,
                 task.update(description=f"epoch {epoch + 1}/{settings.epochs} loss {float(loss.detach()):.3f}")
         if pending:
             step = _optimizer_step(model, optimizer, settings, step, total_steps)
-        if running.get("batches"):
-            _log_train(metrics_file, writer, running, epoch, step, optimizer, seen / (time.monotonic() - started), model)
     return step
 
 
@@ -243,7 +246,7 @@ def _log_train(metrics_file, writer, running: dict, epoch: int, step: int, optim
     means = {name: float(total) / batches for name, total in running.items()}
     record = {"type": "train", "epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"],
               "loss": means.pop("loss"), "losses": means, "samples_per_s": samples_per_s,
-              "temperature": float(1 / model.logit_scale.exp())}
+              "temperature": float(1 / model.logit_scale.detach().exp())}
     metrics_file.write(json.dumps(record) + "\n")
     metrics_file.flush()
     writer.add_scalar("train/loss", record["loss"], step)
