@@ -24,6 +24,7 @@ def demo(
     Example: mm demo --workdir mm-demo
     """
     from trimodal.features.featurize import FeaturizeOptions, featurize
+    from trimodal.features.store import StaleCacheError
     from trimodal.pipeline.download import download_dataset
     from trimodal.pipeline.shard import ShardOptions, shard_dataset
     from trimodal.pipeline.validate import validate_dataset
@@ -51,7 +52,11 @@ def demo(
                   f"shards under {shards}")
 
     with reporter(transient=True, plain=False) as progress:
-        summary = featurize(shards, features, FeaturizeOptions(device=device), reporter=progress)
+        try:
+            summary = featurize(shards, features, FeaturizeOptions(device=device), reporter=progress)
+        except StaleCacheError as stale:  # left by another trimodal version or other settings: redo it
+            say(f"      {stale}; recomputing")
+            summary = featurize(shards, features, FeaturizeOptions(device=device, overwrite=True), reporter=progress)
     clock.step(4, f"featurize: {summary.rows} images ({'random-init ' if summary.random_init else ''}ViT-B-32), "
                   f"{summary.captions} captions, {summary.utterances} utterances on {summary.device} → {features}")
 
