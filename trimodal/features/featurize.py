@@ -21,6 +21,9 @@ from trimodal.pipeline.stream import index_fingerprint, offsets, read_shard
 from trimodal.progress import SILENT, Reporter
 
 
+_AUDIO_WINDOW = 512  # utterances decoded at once
+
+
 @dataclass(frozen=True)
 class FeaturizeOptions:
     audio: str | None = "mel80"
@@ -179,12 +182,16 @@ def _featurize_shard(path: Path, entry: dict, extractors: _Extractors, batch_siz
         features.caption_ids = np.asarray(contents.caption_ids, dtype=np.int32)
         features.caption_offsets = offsets(contents.caption_counts)
     if extractors.mel:
-        waveforms = list(pool.map(lambda blob: extractors.mel.resample(*decode_wav(blob)), wav_blobs))
-        mels = extractors.mel.batched(waveforms, batch_size,
-                                      on_batch=lambda n: advance(share * n / max(1, len(waveforms))))
-        if not waveforms:
+        # Decoded waveforms are float32 (twice their wav bytes), so a shard is decoded a window at a time.
+        mels: list[np.ndarray] = []
+        for start in range(0, len(wav_blobs), _AUDIO_WINDOW):
+            window = wav_blobs[start : start + _AUDIO_WINDOW]
+            waveforms = list(pool.map(lambda blob: extractors.mel.resample(*decode_wav(blob)), window))
+            mels += [mel.astype(np.float16) for mel in extractors.mel.batched(
+                waveforms, batch_size, on_batch=lambda n: advance(share * n / len(wav_blobs)))]
+        if not wav_blobs:
             advance(share)
-        features.mel = np.concatenate(mels) if mels else np.zeros((0, extractors.mel.config.n_mels), np.float32)
+        features.mel = np.concatenate(mels) if mels else np.zeros((0, extractors.mel.config.n_mels), np.float16)
         features.frame_offsets = offsets([len(m) for m in mels])
         features.utterance_offsets = offsets(contents.wav_counts)
         features.utterance_caption_ids = np.asarray(contents.wav_caption_ids, dtype=np.int32)
