@@ -125,17 +125,26 @@ def shard_dataset(name: str, root: Path, out: Path, options: ShardOptions = Shar
     return index
 
 
-def sample_bytes(sample: Sample) -> int:
+def _stat(path: Path | None) -> tuple[str, int, int] | None:
+    """(path, size, mtime_ns) of an input file; size -1 when it is missing (it is skipped later)."""
+    if path is None:
+        return None
+    try:
+        info = path.stat()
+        return str(path), info.st_size, info.st_mtime_ns
+    except OSError:
+        return str(path), -1, 0
+
+
+def sample_files(sample: Sample) -> list:
+    """The stat of the image, then of each caption's audio: what planning and fingerprints read."""
+    return [_stat(sample.image)] + [_stat(caption.audio) for caption in sample.captions]
+
+
+def sample_bytes(sample: Sample, files: list) -> int:
     """Approximate bytes the sample takes in a tar: member headers, padded payloads, text and json."""
-    paths = [sample.image] + [caption.audio for caption in sample.captions]
     size = 4 * 512 + sum(len(caption.text) + 80 for caption in sample.captions)
-    for path in paths:
-        if path is not None:
-            try:
-                size += 512 + math.ceil(path.stat().st_size / 512) * 512
-            except OSError:
-                pass
-    return size
+    return size + sum(512 + math.ceil(f[1] / 512) * 512 for f in files if f is not None and f[1] > 0)
 
 
 def plan_shards(sizes: list[int], max_samples: int, max_bytes: float, min_shards: int = 1) -> list[tuple[int, int]]:
@@ -161,29 +170,23 @@ def _plan_jobs(dataset: str, samples: list[Sample], audio_source: str | None, op
         members = sorted((s for s in samples if s.split == split), key=lambda s: s.key)
         if split == "train":
             random.Random(f"{options.seed}:{split}").shuffle(members)
-        sizes = [sample_bytes(sample) for sample in members]
+        files = [sample_files(sample) for sample in members]
+        sizes = [sample_bytes(sample, sample_file) for sample, sample_file in zip(members, files)]
         min_shards = options.min_train_shards if split == "train" and len(members) >= 40 else 1
         for number, (start, end) in enumerate(plan_shards(sizes, options.max_samples, options.max_mb * 1e6, min_shards)):
             chunk = tuple(members[start:end])
             name = f"{split}-{number:06d}.tar"
-            jobs.append(ShardJob(dataset, split, name, chunk, audio_source, _fingerprint(dataset, split, name, chunk, audio_source)))
+            fingerprint = _fingerprint(dataset, split, name, chunk, files[start:end], audio_source)
+            jobs.append(ShardJob(dataset, split, name, chunk, audio_source, fingerprint))
     return jobs
 
 
-def _fingerprint(dataset: str, split: str, name: str, samples: tuple[Sample, ...], audio_source: str | None) -> str:
-    def stat(path: Path | None):
-        if path is None:
-            return None
-        try:
-            info = path.stat()
-            return [str(path), info.st_size, info.st_mtime_ns]
-        except OSError:
-            return [str(path), None]
-
+def _fingerprint(dataset: str, split: str, name: str, samples: tuple[Sample, ...], files: list,
+                 audio_source: str | None) -> str:
     described = [FORMAT, dataset, split, name, audio_source]
-    for sample in samples:
-        described.append([sample.key, stat(sample.image), sample.meta.get("image_file"),
-                          [[c.id, c.text, c.speaker, stat(c.audio)] for c in sample.captions]])
+    for sample, sample_file in zip(samples, files):
+        described.append([sample.key, sample_file[0], sample.meta.get("image_file"),
+                          [[c.id, c.text, c.speaker, f] for c, f in zip(sample.captions, sample_file[1:])]])
     return hashlib.sha256(json.dumps(described).encode()).hexdigest()
 
 
