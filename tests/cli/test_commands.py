@@ -66,3 +66,14 @@ def test_featurize_train_eval_through_the_cli(mm, mini_shards, tmp_path):
     assert "parameters" in trained.out and "image->text" in trained.out
     evaluated = mm("eval", run, "--split", "val", "--ttt")
     assert evaluated.exit_code == 0 and "TTT" in evaluated.out and (run / "eval-val.json").is_file()
+
+
+def test_train_without_a_validation_split(mm, mini_shards, tmp_path):
+    store = tmp_path / "train-only.zarr"
+    from trimodal.features.featurize import FeaturizeOptions, featurize
+
+    featurize(mini_shards, store, FeaturizeOptions(device="cpu", image="open_clip:ViT-S-32", splits=("train",)))
+    result = mm("train", "configs/mmn-tiny.toml", "--shards", mini_shards, "--features", store, "--out", tmp_path / "run",
+                "train.epochs=1", "train.num_workers=0")
+    assert result.exit_code == 0, result.output
+    assert "no validation split" in result.out and (tmp_path / "run" / "checkpoints" / "best.safetensors").is_file()

@@ -32,6 +32,8 @@ def train(
     say(f"model: {result.parameters:,} parameters, trained on {result.device}")
     if result.last_val:
         console.print(recall_table(result.last_val["directions"], title=f"validation, last epoch ({out})"))
-    if result.best_epoch is not None:
+    if result.best_mean_recall is not None:
         say(f"best epoch: {result.best_epoch + 1} (mean recall {result.best_mean_recall:.3f}); "
             f"checkpoints in {out / 'checkpoints'}, plots in {out / 'plots'}")
+    else:
+        say(f"no validation split in the store: best = last; checkpoints in {out / 'checkpoints'}")

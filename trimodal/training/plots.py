@@ -36,7 +36,7 @@ def plot_run(run: Path) -> list[Path]:
         figure.savefig(out / "losses.png", dpi=120)
         plt.close(figure)
         written.append(out / "losses.png")
-    val = [r for r in records if r["type"] == "val"]
+    val = [r for r in records if r["type"] == "val" and r.get("directions")]
     if val:
         figure, axis = plt.subplots(figsize=(7, 4))
         epochs = [r["epoch"] for r in val]
