@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -16,8 +17,9 @@ from rich.text import Text
 
 from trimodal.progress import Reporter, Task
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+# Logs and pipes get wide lines so that tables do not wrap; a terminal keeps its own width.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 120)
 
 Root = Annotated[Path, typer.Option("--root", help="Folder that holds the raw datasets, one sub-folder each.")]
 Workers = Annotated[int, typer.Option("--workers", min=1, help="Parallel workers.")]
