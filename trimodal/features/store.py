@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +70,6 @@ class ShardFeatures:
     frame_offsets: np.ndarray | None = None
     mel: np.ndarray | None = None
     utterance_caption_ids: np.ndarray | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def plan_layout(index: dict, splits: list[str]) -> list[ShardSlot]:
