@@ -8,7 +8,6 @@ import typer
 from rich.table import Table
 
 from trimodal.cli.console import Root, console, human_bytes, reporter, say, warn
-from trimodal.pipeline.download import download_dataset
 
 
 def download(
@@ -23,6 +22,8 @@ def download(
 
     Example: mm download flickr8k --root data
     """
+    from trimodal.pipeline.download import download_dataset
+
     if no_verify:
         warn("--no-verify: archives will NOT be checked against their published checksums")
     with reporter() as progress:

@@ -10,7 +10,6 @@ import typer
 from rich.table import Table
 
 from trimodal.cli.console import AsJson, console, human_bytes, warn
-from trimodal.pipeline.info import describe
 
 
 def info(
@@ -21,6 +20,8 @@ def info(
 
     Example: mm info shards/flickr8k
     """
+    from trimodal.pipeline.info import describe
+
     summary = describe(path)
     if as_json:
         print(json.dumps(summary, indent=2))

@@ -9,7 +9,6 @@ import typer
 from rich.table import Table
 
 from trimodal.cli.console import Root, Workers, console, human_bytes, reporter, warn
-from trimodal.pipeline.shard import ShardOptions, shard_dataset
 
 
 def shard(
@@ -27,6 +26,8 @@ def shard(
 
     Example: mm shard flickr8k --root data --out shards/flickr8k --workers 2
     """
+    from trimodal.pipeline.shard import ShardOptions, shard_dataset
+
     options = ShardOptions(max_samples=max_samples, max_mb=max_mb, seed=seed, max_bad=max_bad, workers=workers)
     with reporter() as progress:
         index = shard_dataset(name, root, out, options, reporter=progress)

@@ -12,7 +12,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from trimodal.cli.console import Root, Workers, console, reporter
-from trimodal.pipeline.validate import validate_dataset
 
 _STYLE = {"error": "red", "warning": "yellow", "info": "cyan"}
 
@@ -27,6 +26,8 @@ def validate(
 
     Example: mm validate flickr8k --root data --report validate.json
     """
+    from trimodal.pipeline.validate import validate_dataset
+
     with reporter() as progress:
         result = validate_dataset(name, root, workers=workers, reporter=progress)
     if report is not None:

@@ -258,6 +258,28 @@ def write_shard(job: ShardJob, out: Path, advance=lambda n: None) -> dict:
     return record
 
 
+# The fixed part of every member header (mode 0444, uid/gid 0, no owner names, TAR_MTIME), as tarfile
+# writes it for a short ASCII name; only name, size and checksum change from member to member.
+_HEADER_TEMPLATE = bytearray(tarfile.BLOCKSIZE)
+_HEADER_TEMPLATE[100:148] = b"0000444\x000000000\x000000000\x00" + b"00000000000\x00" + b"%011o\x00" % TAR_MTIME
+_HEADER_TEMPLATE[148:156] = b" " * 8  # the checksum is computed over spaces here
+_HEADER_TEMPLATE[156:157] = tarfile.REGTYPE
+_HEADER_TEMPLATE[257:265] = tarfile.POSIX_MAGIC
+
+
+def _member_header(name: str, size: int) -> bytes:
+    raw = name.encode("ascii", "surrogateescape") if name.isascii() else None
+    if raw is None or len(raw) >= 100 or size >= 8**11:
+        info = tarfile.TarInfo(name)  # rare cases (long or non-ASCII names, huge files): tarfile's own way
+        info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, TAR_MTIME, 0o444, 0, 0, "", ""
+        return info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+    header = bytearray(_HEADER_TEMPLATE)
+    header[0 : len(raw)] = raw
+    header[124:136] = b"%011o\x00" % size
+    header[148:156] = b"%06o\x00 " % sum(header)
+    return bytes(header)
+
+
 class _TarStream:
     """A POSIX tar written straight to a file: one header, the payload and its padding per member.
 
@@ -274,13 +296,7 @@ class _TarStream:
         self.size += len(data)
 
     def add(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        info.mtime = TAR_MTIME
-        info.mode = 0o444
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        self._write(info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape"))
+        self._write(_member_header(name, len(data)))
         self._write(data)
         remainder = len(data) % tarfile.BLOCKSIZE
         if remainder:
