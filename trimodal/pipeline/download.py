@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trimodal import __version__
+from trimodal.atomic import write_json
 from trimodal.errors import ChecksumError, DiskSpaceError
 from trimodal.pipeline.extract import extract_archive
 from trimodal.pipeline.fetch import FetchPolicy, fetch, free_bytes, hash_file
@@ -53,9 +54,7 @@ def read_marker(root: Path, name: str) -> dict | None:
 
 
 def _write_marker(target: Path, record: dict) -> None:
-    temporary = target / (MARKER + ".tmp")
-    temporary.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(temporary, target / MARKER)
+    write_json(target / MARKER, record, sort_keys=True)
 
 
 def download_dataset(

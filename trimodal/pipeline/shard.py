@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from trimodal import __version__
+from trimodal.atomic import write_json
 from trimodal.errors import ConfigError, DatasetLayoutError, ShardError
 from trimodal.pipeline.checks import image_problem, wav_problem
 from trimodal.pipeline.samples import SPLITS, Sample
@@ -121,7 +122,7 @@ def shard_dataset(name: str, root: Path, out: Path, options: ShardOptions = Shar
         raise ShardError(f"too many bad inputs: {' and '.join(too_many)} are bad, more than --max-bad "
                          f"{options.max_bad}; no {INDEX} written. Bad: {examples}"
                          + (f" … and {len(index['skipped']) - 10} more" if len(index["skipped"]) > 10 else ""))
-    _write_json_atomic(out / INDEX, index)
+    write_json(out / INDEX, index)
     return index
 
 
@@ -254,7 +255,7 @@ def write_shard(job: ShardJob, out: Path, advance=lambda n: None) -> dict:
              "first_key": keys[0] if keys else None, "last_key": keys[-1] if keys else None}
     record = {"fingerprint": job.fingerprint, "split": job.split, "entry": entry, "skipped": skipped,
               **{k: counts[k] for k in ("bad_samples", "bad_utterances", "planned_samples", "planned_utterances")}}
-    _write_json_atomic(out / SIDECARS / (job.name + ".json"), record)
+    write_json(out / SIDECARS / (job.name + ".json"), record)
     return record
 
 
@@ -400,12 +401,6 @@ def _build_index(name: str, root: Path, scan, jobs: list[ShardJob], records: dic
         "skipped": sorted(skipped, key=lambda s: (s["key"], s["file"])),
         "missing_captions": [p.detail for p in missing_captions],
     }
-
-
-def _write_json_atomic(path: Path, value: dict) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
 
 
 def read_index(path: Path) -> dict:

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from trimodal.atomic import atomic_path
 from trimodal.errors import TrimodalError
 
 
 def save_weights(model: torch.nn.Module, path: Path, metadata: dict | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
     state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
-    save_file(state, str(temporary), metadata={k: str(v) for k, v in (metadata or {}).items()})
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        save_file(state, str(temporary), metadata={k: str(v) for k, v in (metadata or {}).items()})
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
@@ -34,9 +33,8 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
 
 def save_state(path: Path, state: dict) -> None:
     """Optimizer, RNG and progress; loadable with `torch.load(weights_only=True)`."""
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        torch.save(state, temporary)
 
 
 def load_state(path: Path) -> dict:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import os
 import tomllib
 from pathlib import Path
 
+from trimodal.atomic import write_json
 from trimodal.errors import ConfigError, TrimodalError
 from trimodal.features.image import resolve_device
 from trimodal.training.checkpoint import load_weights
@@ -59,8 +58,5 @@ def evaluate_run(run: Path, *, split: str = "test", checkpoint: str = "best", tt
                                                       k=ttt_k, step=ttt_step)
         result["mean_recall_ttt"] = mean_recall(result["directions_ttt"])
         result["ttt_settings"] = {"k": model.ttt_k, "step": model.ttt_step}
-    path = run / f"eval-{split}.json"
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    write_json(run / f"eval-{split}.json", result)
     return result

@@ -1,0 +1,27 @@
+"""Atomic file writes: write `*.tmp` beside the target, then `os.replace`, so a reader never sees half a file."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path to write; it replaces `path` when the block ends without an error."""
+    path = Path(path)
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_json(path: Path, value, *, sort_keys: bool = False) -> None:
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(value, indent=2, ensure_ascii=False, sort_keys=sort_keys) + "\n",
+                             encoding="utf-8")
