@@ -20,10 +20,10 @@ class DownloadError(TrimodalError):
 class ChecksumError(DownloadError):
     """A downloaded file does not hash to the manifest's digest."""
 
-    def __init__(self, path: str, algorithm: str, expected: str, actual: str):
+    def __init__(self, path: str, algorithm: str, expected: str, actual: str, origin: str = ""):
         self.path, self.algorithm, self.expected, self.actual = path, algorithm, expected, actual
         super().__init__(
-            f"checksum mismatch for {path}: expected {algorithm} {expected}, got {actual}; "
+            f"checksum mismatch for {path}: expected {algorithm} {expected}{origin}, got {actual}; "
             "the file was removed and nothing was extracted"
         )
 

@@ -128,8 +128,13 @@ def test_corrupt_archive(mm, http_server, tmp_path, monkeypatch):
 
 
 def test_a_missing_required_option_is_a_usage_error_not_a_traceback(mm):
-    result = mm("shard", "mini")
-    assert result.exit_code == 2 and "Traceback" not in result.output and "--root" in result.output
+    result = mm("shard", "mini", "--root", "data")
+    assert result.exit_code == 2 and "Traceback" not in result.output and "--out" in result.output
+
+
+def test_a_missing_root_is_one_clear_error(mm, tmp_path):
+    assert_one_clear_error(mm("validate", "mini"), "--root is required")
+    assert_one_clear_error(mm("shard", "coco2014", "--out", tmp_path / "out"), "--root is required")
 
 
 def test_the_real_console_script_prints_no_traceback(tmp_path):

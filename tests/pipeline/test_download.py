@@ -219,11 +219,11 @@ def test_the_marker_is_written_last(serve, tmp_path, monkeypatch):
     real_extract = download_module.extract_archive
     calls = []
 
-    def crash_on_second(archive, target, reporter):
+    def crash_on_second(archive, target, reporter, keep=()):
         calls.append(archive.name)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real_extract(archive, target, reporter)
+        return real_extract(archive, target, reporter, keep)
 
     monkeypatch.setattr(download_module, "extract_archive", crash_on_second)
     with pytest.raises(KeyboardInterrupt):

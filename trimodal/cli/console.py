@@ -22,6 +22,11 @@ console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 120)
 
 Root = Annotated[Path, typer.Option("--root", help="Folder that holds the raw datasets, one sub-folder each.")]
+SourceRoot = Annotated[Path | None, typer.Option("--root", help="Folder that holds the raw datasets, one sub-folder "
+                                                 "each (custom: the dataset folder itself).")]
+Splits = Annotated[str | None, typer.Option("--splits", help="coco2014: karpathy (default) or official.")]
+JsonlManifest = Annotated[Path | None, typer.Option("--manifest", help="custom: a JSONL file, one sample per line "
+                                                    "({key?, image, captions, audio?, split}, paths relative to it).")]
 Workers = Annotated[int, typer.Option("--workers", min=1, help="Parallel workers.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 Device = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda.")]

@@ -42,7 +42,8 @@ def info(
     for column in ("dataset", "status", "files", "size", "verified"):
         table.add_column(column)
     for row in summary["datasets"]:
-        status = "[green]complete[/green]" if row["status"] == "complete" else "[yellow]incomplete[/yellow]"
+        status = {"complete": "[green]complete[/green]",
+                  "partial": f"[yellow]partial: {', '.join(row['parts'])}[/yellow]"}.get(row["status"], "[yellow]incomplete[/yellow]")
         table.add_row(row["name"], status, f"{row['files']:,}", human_bytes(row["bytes"]), "yes" if row["verified"] else "no")
     console.print(table)
     if summary["partial_downloads"]:

@@ -10,13 +10,14 @@ import typer
 from rich.markup import escape
 
 from trimodal import __version__
-from trimodal.cli import demo, download, evaluate, featurize, info, shard, train, validate
+from trimodal.cli import datasets, demo, download, evaluate, featurize, info, shard, train, validate
 from trimodal.cli.console import err_console
 from trimodal.errors import TrimodalError
 
 app = typer.Typer(
     name="mm",
-    help="Turn image / text / speech datasets into shards and cached features; train and evaluate retrieval models.",
+    help="Turn image / text / speech datasets into shards and cached features; train and evaluate retrieval "
+         f"models.\n\nDatasets: {datasets.readable()}; {datasets.joined()}.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

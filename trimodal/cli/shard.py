@@ -8,19 +8,23 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from trimodal.cli.console import Root, Workers, console, human_bytes, reporter, warn
+from trimodal.cli import datasets
+from trimodal.cli.console import JsonlManifest, SourceRoot, Splits, Workers, console, human_bytes, reporter, warn
 
 
 def shard(
-    name: Annotated[str, typer.Argument(help="Dataset: flickr8k (joined with facc when present) or mini.")],
-    root: Root,
+    name: Annotated[str, typer.Argument(help=f"Dataset: {datasets.readable()}; {datasets.joined()} are "
+                                             "added when downloaded under the same --root.")],
     out: Annotated[Path, typer.Option("--out", help="Output folder for <split>-%06d.tar and index.json.")],
+    root: SourceRoot = None,
     max_samples: Annotated[int, typer.Option("--max-samples", help="At most this many samples per shard.")] = 1000,
     max_mb: Annotated[float, typer.Option("--max-mb", help="At most this many MB per shard.")] = 500.0,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the training split's sample order.")] = 0,
     workers: Workers = 2,
     max_bad: Annotated[float, typer.Option("--max-bad", help="Fail when more than this fraction of samples "
                                            "or utterances is bad.")] = 0.001,
+    splits: Splits = None,
+    manifest: JsonlManifest = None,
 ) -> None:
     """Write deterministic, resumable webdataset shards: one sample per image with all its captions.
 
@@ -30,9 +34,12 @@ def shard(
 
     options = ShardOptions(max_samples=max_samples, max_mb=max_mb, seed=seed, max_bad=max_bad, workers=workers)
     with reporter() as progress:
-        index = shard_dataset(name, root, out, options, reporter=progress)
+        index = shard_dataset(name, root, out, options, reporter=progress,
+                              source_options={"splits": splits, "manifest": manifest})
     if "audio" not in index["modalities"]:
-        warn(f"no spoken captions found for {name} (download facc into the same --root to add them)")
+        spoken = datasets.joining(name)
+        warn(f"no spoken captions found for {name}" +
+             (f" (download {spoken} into the same --root to add them)" if spoken else ""))
     table = Table(title=f"{name} → {out}")
     for column in ("split", "samples", "captions", "utterances", "shards", "size"):
         table.add_column(column, justify="right" if column != "split" else "left")

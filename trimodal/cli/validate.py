@@ -11,16 +11,20 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from trimodal.cli.console import Root, Workers, console, reporter
+from trimodal.cli import datasets
+from trimodal.cli.console import JsonlManifest, SourceRoot, Splits, Workers, console, reporter
 
 _STYLE = {"error": "red", "warning": "yellow", "info": "cyan"}
 
 
 def validate(
-    name: Annotated[str, typer.Argument(help="Dataset to check: flickr8k (with facc when present) or mini.")],
-    root: Root,
+    name: Annotated[str, typer.Argument(help=f"Dataset to check: {datasets.readable()}; "
+                                             f"{datasets.joined()} are checked with the dataset they join.")],
+    root: SourceRoot = None,
     report: Annotated[Path | None, typer.Option("--report", help="Also write the findings as JSON.")] = None,
     workers: Workers = 2,
+    splits: Splits = None,
+    manifest: JsonlManifest = None,
 ) -> None:
     """Find every missing, corrupt or unmatched file; exit 1 when there is any error.
 
@@ -29,12 +33,13 @@ def validate(
     from trimodal.pipeline.validate import validate_dataset
 
     with reporter() as progress:
-        result = validate_dataset(name, root, workers=workers, reporter=progress)
+        result = validate_dataset(name, root, workers=workers, reporter=progress,
+                                  source_options={"splits": splits, "manifest": manifest})
     if report is not None:
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
 
-    counts = Table(title=f"{name} under {root}")
+    counts = Table(title=f"{name} under {result.root}")
     counts.add_column("count")
     counts.add_column("value", justify="right")
     for key, value in result.counts.items():

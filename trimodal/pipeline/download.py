@@ -10,7 +10,7 @@ from pathlib import Path
 
 from trimodal import __version__
 from trimodal.atomic import write_json
-from trimodal.errors import ChecksumError, DiskSpaceError
+from trimodal.errors import ChecksumError, ConfigError, DiskSpaceError, ManifestError
 from trimodal.pipeline.extract import extract_archive
 from trimodal.pipeline.fetch import FetchPolicy, fetch, free_bytes, hash_file
 from trimodal.pipeline.manifest import Archive, Manifest, load_manifest
@@ -18,6 +18,8 @@ from trimodal.progress import SILENT, Reporter
 
 MARKER = ".trimodal-download.json"
 DOWNLOADS = ".downloads"
+# sha256 of archives that have no published checksum, taken on their first download (trust on first use).
+RECORDED = ".trimodal-recorded-checksums.json"
 
 
 @dataclass
@@ -65,13 +67,19 @@ def download_dataset(
     verify: bool = True,
     force: bool = False,
     keep_archives: bool = False,
+    only: list[str] | None = None,
     reporter: Reporter = SILENT,
     policy: FetchPolicy = FetchPolicy(),
 ) -> DownloadResult:
-    """Make `root/name` hold the complete dataset; a complete one is left alone without any request."""
+    """Make `root/name` hold the dataset (or the parts named in `only`); what is complete is left alone
+    without any request."""
     manifest = load_manifest(name)
     root = Path(root)
     target = root / name
+    if manifest.local:
+        raise ConfigError(f"{name} is your own data: there is nothing to download "
+                          f"(run `mm validate {name}` and `mm shard {name}` on its folder)")
+    wanted = _wanted_archives(manifest, only)
     if force:
         shutil.rmtree(target, ignore_errors=True)
     elif read_marker(root, name):
@@ -80,14 +88,16 @@ def download_dataset(
     if manifest.synthetic:
         return _synthesize(manifest, root, reporter)
 
-    target.mkdir(parents=True, exist_ok=True)
-    state = _read_state(target)
+    state = read_state(target)
     if state.get("dataset") not in (None, name) or state.get("verified", verify) != verify:
         state = {}
+    if only and all(archive.file in state.get("archives", {}) for archive in wanted):
+        return DownloadResult(name, target, already_complete=True)
+    target.mkdir(parents=True, exist_ok=True)
     state.update({"dataset": name, "complete": False, "verified": verify, "trimodal": __version__})
     state.setdefault("archives", {})
     outcomes = []
-    for archive in manifest.archives:
+    for archive in wanted:
         recorded = state["archives"].get(archive.file)
         if recorded:
             outcomes.append(ArchiveOutcome(**recorded))
@@ -96,7 +106,9 @@ def download_dataset(
         state["archives"][archive.file] = outcome.__dict__
         _write_marker(target, state)
         outcomes.append(outcome)
-    state["complete"] = True
+    state["complete"] = all(archive.file in state["archives"] for archive in manifest.archives)
+    state["parts"] = [part for part in manifest.parts()
+                      if all(a.file in state["archives"] for a in manifest.archives if a.part == part)]
     _write_marker(target, state)
     downloads = root / DOWNLOADS
     if downloads.is_dir() and not any(downloads.iterdir()):
@@ -104,7 +116,20 @@ def download_dataset(
     return DownloadResult(name, target, already_complete=False, archives=outcomes)
 
 
-def _read_state(target: Path) -> dict:
+def _wanted_archives(manifest: Manifest, only: list[str] | None) -> list[Archive]:
+    if not only:
+        return list(manifest.archives)
+    parts = manifest.parts()
+    if not parts:
+        raise ConfigError(f"{manifest.name} is not split into parts: --only does not apply to it")
+    unknown = [part for part in only if part not in parts]
+    if unknown:
+        raise ConfigError(f"{manifest.name} has no part {', '.join(map(repr, unknown))}; its parts: {', '.join(parts)}")
+    return [archive for archive in manifest.archives if archive.part in only]
+
+
+def read_state(target: Path) -> dict:
+    """The download record of a dataset folder, complete or not ({} when there is none)."""
     try:
         return json.loads((target / MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -130,17 +155,26 @@ def _download_archive(
 
     digests: dict[str, str] = {}
     if verify:
+        expected_digests = dict(archive.digests)
+        recorded = _recorded_checksums(root).get(archive.file) if archive.unpublished_checksum else None
+        if archive.unpublished_checksum:
+            expected_digests = {"sha256": recorded} if recorded else {}
         with reporter.task(f"verify {archive.file}", total=size, unit="bytes") as task:
-            digests = hash_file(local, list(archive.digests), task)
-        for algorithm, expected in archive.digests.items():
+            digests = hash_file(local, list(expected_digests) or ["sha256"], task)
+        for algorithm, expected in expected_digests.items():
             if digests[algorithm] != expected:
                 local.unlink()
-                raise ChecksumError(str(local), algorithm, expected, digests[algorithm])
+                raise ChecksumError(str(local), algorithm, expected, digests[algorithm],
+                                    "" if archive.digests else f" (the digest recorded in {root / RECORDED} on its first download)")
+        if archive.unpublished_checksum and not recorded:
+            _record_checksum(root, archive.file, digests["sha256"])
+            reporter.note(f"{archive.file} has no published checksum: its sha256 {digests['sha256']} is recorded in "
+                          f"{root / RECORDED} and every later download of it must match", "warning")
 
     staging = target / f".extracting-{archive.file}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        summary = extract_archive(local, staging, reporter)
+        summary = extract_archive(local, staging, reporter, keep=archive.keep)
         _merge_into(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -155,6 +189,17 @@ def _download_archive(
         files_extracted=summary.files,
         skipped_members=summary.skipped,
     )
+
+
+def _recorded_checksums(root: Path) -> dict[str, str]:
+    try:
+        return json.loads((root / RECORDED).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _record_checksum(root: Path, file: str, sha256: str) -> None:
+    write_json(root / RECORDED, {**_recorded_checksums(root), file: sha256}, sort_keys=True)
 
 
 def _space_check(archive: Archive, root: Path):
@@ -191,14 +236,17 @@ def _merge_into(staging: Path, target: Path) -> None:
 
 
 def _synthesize(manifest: Manifest, root: Path, reporter: Reporter) -> DownloadResult:
-    from trimodal.pipeline.sources.mini import synthesize_mini
+    from trimodal.pipeline.sources import get_source
 
+    synthesize = get_source(manifest.name).synthesize
+    if synthesize is None:
+        raise ManifestError(f"{manifest.path}: synthetic, but the {manifest.name} source registers no synthesizer")
     target = root / manifest.name
     staging = root / f".{manifest.name}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        details = synthesize_mini(staging, reporter=reporter)
+        details = synthesize(staging, reporter=reporter)
         _write_marker(staging, {"dataset": manifest.name, "complete": True, "synthetic": True,
                                 "trimodal": __version__, **details})
         shutil.rmtree(target, ignore_errors=True)

@@ -7,6 +7,7 @@ so a refused or corrupt archive leaves nothing behind.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import posixpath
 import shutil
@@ -28,7 +29,7 @@ class ExtractionSummary:
     files: int = 0
     directories: int = 0
     links: int = 0
-    skipped: int = 0  # __MACOSX/ and ._* resource forks
+    skipped: int = 0  # __MACOSX/, ._* resource forks, and members `keep` leaves out
 
 
 def archive_kind(name: str) -> str:
@@ -40,14 +41,20 @@ def archive_kind(name: str) -> str:
     raise ArchiveError(f"{name}: unknown archive type (expected .zip, .tar, .tar.gz, .tgz, .tar.bz2 or .tar.xz)")
 
 
-def extract_archive(archive: Path, target: Path, reporter: Reporter = SILENT) -> ExtractionSummary:
-    """Extract `archive` into the folder `target` (created if needed) and say what was written."""
+def extract_archive(archive: Path, target: Path, reporter: Reporter = SILENT,
+                    keep: tuple[str, ...] = ()) -> ExtractionSummary:
+    """Extract `archive` into the folder `target` (created if needed) and say what was written.
+
+    With `keep` (fnmatch patterns of member paths) only matching members are written; the rest count
+    as skipped. Every member name is still checked for safety.
+    """
     target.mkdir(parents=True, exist_ok=True)
     kind = archive_kind(archive.name)
+    wanted = (lambda relative: any(fnmatch.fnmatchcase(relative, pattern) for pattern in keep)) if keep else None
     try:
         if kind == "zip":
-            return _extract_zip(archive, target, reporter)
-        return _extract_tar(archive, target, reporter)
+            return _extract_zip(archive, target, reporter, wanted)
+        return _extract_tar(archive, target, reporter, wanted)
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, ValueError) as error:
         raise ArchiveError(f"{archive}: corrupt or truncated archive ({error})") from error
 
@@ -96,12 +103,14 @@ def _write_stream(source, destination: Path, task: Task, progress_by_output: boo
                 task.advance(len(chunk))
 
 
-def _extract_zip(archive: Path, target: Path, reporter: Reporter) -> ExtractionSummary:
+def _extract_zip(archive: Path, target: Path, reporter: Reporter, wanted) -> ExtractionSummary:
     summary = ExtractionSummary()
     with zipfile.ZipFile(archive) as bundle:
         members = bundle.infolist()
         # Check every name before writing anything: the central directory gives them up front.
         planned = [(info, safe_member_path(info.filename, archive)) for info in members]
+        if wanted is not None:
+            planned = [(info, relative if relative is not None and wanted(relative) else None) for info, relative in planned]
         for info, relative in planned:
             if relative is not None and stat.S_ISLNK(info.external_attr >> 16):
                 _check_link(relative, bundle.read(info).decode("utf-8", "replace"), archive)
@@ -138,13 +147,13 @@ class _CountingReader:
         return data
 
 
-def _extract_tar(archive: Path, target: Path, reporter: Reporter) -> ExtractionSummary:
+def _extract_tar(archive: Path, target: Path, reporter: Reporter, wanted) -> ExtractionSummary:
     summary = ExtractionSummary()
     with reporter.task(f"extract {archive.name}", total=archive.stat().st_size, unit="bytes") as task:
         with open(archive, "rb") as raw, tarfile.open(fileobj=_CountingReader(raw, task), mode="r|*") as bundle:
             for member in bundle:
                 relative = safe_member_path(member.name, archive)
-                if relative is None:
+                if relative is None or wanted is not None and not wanted(relative):
                     summary.skipped += 1
                     continue
                 destination = _inside(target, relative, archive)

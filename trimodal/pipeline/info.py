@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from trimodal.errors import TrimodalError
-from trimodal.pipeline.download import DOWNLOADS, MARKER, read_marker
+from trimodal.pipeline.download import DOWNLOADS, MARKER, read_state
 from trimodal.pipeline.manifest import available
 from trimodal.pipeline.shard import INDEX, read_index
 
@@ -46,10 +46,13 @@ def describe_root(root: Path, only: str | None = None) -> dict:
         folder = root / name
         if not folder.exists():
             continue
-        marker = read_marker(root, name)
+        state = read_state(folder)
+        complete = state.get("complete") is True
+        parts = state.get("parts", [])
         files, size = _tree_size(folder)
-        datasets.append({"name": name, "status": "complete" if marker else "incomplete", "files": files,
-                         "bytes": size, "verified": bool(marker and (marker.get("verified") or marker.get("synthetic")))})
+        datasets.append({"name": name, "status": "complete" if complete else "partial" if parts else "incomplete",
+                         "parts": parts, "files": files, "bytes": size,
+                         "verified": bool(state.get("verified") or state.get("synthetic"))})
     partial = sorted(p.name for p in (root / DOWNLOADS).glob("*.part")) if (root / DOWNLOADS).is_dir() else []
     if not datasets and not partial:
         raise TrimodalError(f"{root} is neither a shard folder (no {INDEX}) nor a dataset root "

@@ -20,6 +20,11 @@ class Archive:
     approx_bytes: int = 0
     approx_unpacked_bytes: int = 0
     unpacks_to: tuple[str, ...] = ()
+    part: str | None = None  # what `mm download NAME --only PART` fetches: "annotations", "val", …
+    keep: tuple[str, ...] = ()  # member paths (fnmatch patterns) to extract; empty = all of them
+    # No published digest: the sha256 of the first complete download is recorded and checked on every
+    # later use of the file (trust on first use), and the download says so.
+    unpublished_checksum: bool = False
 
     @property
     def digests(self) -> dict[str, str]:
@@ -37,9 +42,14 @@ class Manifest:
     archives: tuple[Archive, ...] = ()
     counts: dict[str, int] = field(default_factory=dict)
     synthetic: bool = False
+    local: bool = False  # the user's own data: nothing to download
     joins: str | None = None
     citation: str = ""
     path: Path | None = None
+
+    def parts(self) -> list[str]:
+        """The parts `--only` can name, in manifest order."""
+        return list(dict.fromkeys(archive.part for archive in self.archives if archive.part))
 
 
 def manifest_dir() -> Path:
@@ -69,7 +79,8 @@ def parse_manifest(path: Path) -> Manifest:
         raise ManifestError(f"{path}: cannot read manifest: {error}") from error
 
     problems: list[str] = []
-    for key in ("name", "title", "licence", "terms_url"):
+    local = bool(raw.get("local", False))
+    for key in ("name", "title", "licence") + (() if local else ("terms_url",)):
         if not isinstance(raw.get(key), str) or not raw[key]:
             problems.append(f"missing or empty '{key}'")
     archives = []
@@ -78,8 +89,10 @@ def parse_manifest(path: Path) -> Manifest:
         problems += [f"archive {number}: {problem}" for problem in archive_problems]
         if archive is not None:
             archives.append(archive)
-    if not archives and not raw.get("synthetic", False):
-        problems.append("no [[archives]] and not synthetic")
+    if not archives and not raw.get("synthetic", False) and not local:
+        problems.append("no [[archives]] and neither synthetic nor local")
+    if archives and any(archive.part for archive in archives) and not all(archive.part for archive in archives):
+        problems.append("either every archive names its 'part' or none does")
     counts = raw.get("counts", {})
     if not all(isinstance(value, int) for value in counts.values()):
         problems.append("[counts] values must be integers")
@@ -90,11 +103,12 @@ def parse_manifest(path: Path) -> Manifest:
         name=raw["name"],
         title=raw["title"],
         licence=raw["licence"],
-        terms_url=raw["terms_url"],
+        terms_url=raw.get("terms_url", ""),
         modalities=tuple(raw.get("modalities", ())),
         archives=tuple(archives),
         counts=dict(counts),
         synthetic=bool(raw.get("synthetic", False)),
+        local=local,
         joins=raw.get("joins"),
         citation=raw.get("citation", ""),
         path=path,
@@ -113,8 +127,14 @@ def _parse_archive(entry: dict) -> tuple[Archive | None, list[str]]:
         value = entry.get(algorithm)
         if value is not None and (len(value) != length or any(c not in "0123456789abcdef" for c in value)):
             problems.append(f"{algorithm} {value!r} is not {length} lower-case hex digits")
-    if not entry.get("md5") and not entry.get("sha256"):
-        problems.append("no md5 or sha256")
+    unpublished = entry.get("checksum") == "unpublished"
+    if entry.get("checksum") not in (None, "unpublished"):
+        problems.append(f"checksum = {entry['checksum']!r}: the only value is \"unpublished\"")
+    if not entry.get("md5") and not entry.get("sha256") and not unpublished:
+        problems.append('no md5 or sha256 (write checksum = "unpublished" when none is published)')
+    keep = entry.get("keep", [])
+    if not isinstance(keep, list) or not all(isinstance(pattern, str) and pattern for pattern in keep):
+        problems.append("'keep' must be a list of member path patterns")
     if problems:
         return None, problems
     return (
@@ -126,6 +146,9 @@ def _parse_archive(entry: dict) -> tuple[Archive | None, list[str]]:
             approx_bytes=int(entry.get("approx_bytes", 0)),
             approx_unpacked_bytes=int(entry.get("approx_unpacked_bytes", 0)),
             unpacks_to=tuple(entry.get("unpacks_to", ())),
+            part=entry.get("part"),
+            keep=tuple(keep),
+            unpublished_checksum=unpublished,
         ),
         [],
     )

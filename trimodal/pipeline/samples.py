@@ -2,21 +2,34 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 SPLITS = ("train", "val", "test")
+_WHITESPACE = re.compile(r"\s+")
 
 
-@dataclass(frozen=True)
+def sample_key(stem: str) -> str:
+    """A file stem made a webdataset key: dot-free, because webdataset splits member names at the first dot."""
+    return stem.replace(".", "_")
+
+
+def one_line(text: str) -> str:
+    """A caption as it goes into `KEY.txt`: whitespace runs (COCO's stray spaces, newlines) made one space."""
+    return _WHITESPACE.sub(" ", text).strip()
+
+
+@dataclass(frozen=True, slots=True)
 class Caption:
-    id: int  # the dataset's caption number (Flickr8k `#n`)
-    text: str
+    id: int  # the dataset's caption id (Flickr8k `#n`, COCO annotation id)
+    text: str  # one line, whitespace collapsed
     audio: Path | None = None  # its spoken version, when the dataset has one
     speaker: str | None = None
+    raw: str | None = None  # the dataset's own string, when it differs from `text`
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Sample:
     """One image with all its captions and spoken captions."""
 
@@ -24,7 +37,7 @@ class Sample:
     split: str
     image: Path | None
     captions: tuple[Caption, ...] = ()
-    meta: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)  # `image_file` (as shown to users), plus ids that go into KEY.json
 
 
 @dataclass(frozen=True)
@@ -34,6 +47,10 @@ class Problem:
     file: str
     line: int | None = None
     detail: str = ""
+    # "sample" or "utterance" when the problem keeps one out of the shards: `mm shard` lists it under
+    # `skipped` and counts it towards --max-bad, like an image that does not decode.
+    drops: str | None = None
+    key: str | None = None  # the sample it concerns, when there is one
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "severity": self.severity, "file": self.file, "line": self.line,

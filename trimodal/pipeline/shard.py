@@ -22,9 +22,9 @@ from pathlib import Path
 from trimodal import __version__
 from trimodal.atomic import write_json
 from trimodal.errors import ConfigError, DatasetLayoutError, ShardError
-from trimodal.pipeline.checks import image_problem, wav_problem
-from trimodal.pipeline.samples import SPLITS, Sample
-from trimodal.pipeline.sources import scan_source
+from trimodal.pipeline.checks import WavFormat, flac_problem, image_problem, wav_problem
+from trimodal.pipeline.samples import SPLITS, Problem, Sample
+from trimodal.pipeline.sources import Scan, scan_source
 from trimodal.progress import SILENT, Reporter, Task
 
 FORMAT = "trimodal-shards/1"
@@ -33,7 +33,8 @@ SIDECARS = ".shards"
 TAR_MTIME = 1_577_836_800  # 2020-01-01: fixed, so the same inputs give byte-identical tars
 SHARD_NAME = re.compile(r"(?P<split>[a-z]+)-(?P<number>\d{6})\.tar")
 # Annotation problems that make the samples themselves uncertain: sharding stops on them.
-FATAL_KINDS = {"missing_file", "malformed_line", "duplicate_caption", "split_overlap"}
+FATAL_KINDS = {"missing_file", "malformed_line", "malformed_json", "duplicate_caption", "split_overlap",
+               "duplicate_key", "duplicate_image_id"}
 
 
 @dataclass(frozen=True)
@@ -72,25 +73,25 @@ class ShardJob:
     name: str
     samples: tuple[Sample, ...]
     audio_source: str | None  # the dataset the spoken captions come from, None without audio
+    wav_format: WavFormat | None  # what every wav must be; None accepts any PCM or float wav
     fingerprint: str
 
 
-def shard_dataset(name: str, root: Path, out: Path, options: ShardOptions = ShardOptions(), *,
-                  reporter: Reporter = SILENT) -> dict:
-    """Write `out/<split>-%06d.tar` for every split of `root/name` and return the index it wrote."""
+def shard_dataset(name: str, root: Path | None, out: Path, options: ShardOptions = ShardOptions(), *,
+                  source_options: dict | None = None, reporter: Reporter = SILENT) -> dict:
+    """Write `out/<split>-%06d.tar` for every split of `root/name` and return the index it wrote.
+
+    `source_options` go to the dataset's source (`splits="official"` for coco2014, `manifest=` for custom).
+    """
     options.check()
-    root, out = Path(root), Path(out)
-    scan = scan_source(name, root)
+    out = Path(out)
+    scan = scan_source(name, root, **(source_options or {}))
     fatal = [p for p in scan.problems if p.severity == "error" and p.kind in FATAL_KINDS]
     if fatal:
         examples = "; ".join(f"{p.file}{':' + str(p.line) if p.line else ''}: {p.detail}" for p in fatal[:5])
-        raise DatasetLayoutError(f"{len(fatal)} problem(s) in the annotation files of {root / name}: {examples}; "
-                                 f"run `mm validate {name} --root {root}` for the full list")
-    audio_source = None
-    if scan.layout.facc_dir is not None:
-        audio_source = "facc" if scan.layout.facc_dir.parent.name == "facc" else name
-
-    jobs = _plan_jobs(name, scan.samples, audio_source, options)
+        raise DatasetLayoutError(f"{len(fatal)} problem(s) in the annotation files of {scan.dataset_dir}: {examples}; "
+                                 f"`mm validate {name}` with the same options lists them all")
+    jobs = _plan_jobs(scan, options)
     out.mkdir(parents=True, exist_ok=True)
     (out / SIDECARS).mkdir(exist_ok=True)
     (out / INDEX).unlink(missing_ok=True)
@@ -110,7 +111,7 @@ def shard_dataset(name: str, root: Path, out: Path, options: ShardOptions = Shar
         for record in _run(pending, out, options.workers, task):
             records[record["entry"]["name"]] = record
 
-    index = _build_index(name, root, scan, jobs, records, options)
+    index = _build_index(scan, jobs, records, options)
     totals = index["totals"]
     too_many = []
     for what in ("samples", "utterances"):
@@ -165,11 +166,14 @@ def plan_shards(sizes: list[int], max_samples: int, max_bytes: float, min_shards
     return bounds
 
 
-def _plan_jobs(dataset: str, samples: list[Sample], audio_source: str | None, options: ShardOptions) -> list[ShardJob]:
+def _plan_jobs(scan: Scan, options: ShardOptions) -> list[ShardJob]:
+    """Training samples sorted by key, then shuffled by seed; val and test keep the dataset's own order
+    (so that folds of a test split, such as COCO's 1k protocol, are the published ones)."""
     jobs = []
     for split in SPLITS:
-        members = sorted((s for s in samples if s.split == split), key=lambda s: s.key)
+        members = [s for s in scan.samples if s.split == split]
         if split == "train":
+            members.sort(key=lambda s: s.key)
             random.Random(f"{options.seed}:{split}").shuffle(members)
         files = [sample_files(sample) for sample in members]
         sizes = [sample_bytes(sample, sample_file) for sample, sample_file in zip(members, files)]
@@ -177,18 +181,18 @@ def _plan_jobs(dataset: str, samples: list[Sample], audio_source: str | None, op
         for number, (start, end) in enumerate(plan_shards(sizes, options.max_samples, options.max_mb * 1e6, min_shards)):
             chunk = tuple(members[start:end])
             name = f"{split}-{number:06d}.tar"
-            fingerprint = _fingerprint(dataset, split, name, chunk, files[start:end], audio_source)
-            jobs.append(ShardJob(dataset, split, name, chunk, audio_source, fingerprint))
+            wav_format = scan.wav_format.__dict__ if scan.wav_format else None
+            fingerprint = _fingerprint([FORMAT, scan.name, split, name, scan.audio_source, wav_format],
+                                       chunk, files[start:end])
+            jobs.append(ShardJob(scan.name, split, name, chunk, scan.audio_source, scan.wav_format, fingerprint))
     return jobs
 
 
-def _fingerprint(dataset: str, split: str, name: str, samples: tuple[Sample, ...], files: list,
-                 audio_source: str | None) -> str:
-    described = [FORMAT, dataset, split, name, audio_source]
+def _fingerprint(described: list, samples: tuple[Sample, ...], files: list) -> str:
     for sample, sample_file in zip(samples, files):
-        described.append([sample.key, sample_file[0], sample.meta.get("image_file"),
-                          [[c.id, c.text, c.speaker, f] for c, f in zip(sample.captions, sample_file[1:])]])
-    return hashlib.sha256(json.dumps(described).encode()).hexdigest()
+        described.append([sample.key, sample_file[0], sample.meta,
+                          [[c.id, c.text, c.raw, c.speaker, f] for c, f in zip(sample.captions, sample_file[1:])]])
+    return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _completed_record(out: Path, job: ShardJob) -> dict | None:
@@ -311,10 +315,13 @@ class _TarStream:
 
 
 def _sample_members(job: ShardJob, sample: Sample, skipped: list[dict], counts: dict) -> list[tuple[str, bytes]] | None:
-    """The tar members of one sample, or None when its image is missing or does not decode."""
+    """The tar members of one sample, or None when its image is missing or does not decode.
+
+    Caption n (line n of KEY.txt) is spoken by member `KEY.<n>.wav`; KEY.json maps it to the caption id.
+    """
     image_file = sample.meta.get("image_file") or str(sample.image)
-    if job.audio_source is not None:
-        counts["planned_utterances"] += len(sample.captions)
+    spoken = sum(1 for caption in sample.captions if caption.audio is not None) if job.audio_source else 0
+    counts["planned_utterances"] += spoken
     reason = None
     try:
         image = sample.image.read_bytes() if sample.image is not None else None
@@ -328,28 +335,30 @@ def _sample_members(job: ShardJob, sample: Sample, skipped: list[dict], counts: 
     if reason is not None:
         skipped.append({"key": sample.key, "file": image_file, "reason": reason})
         counts["bad_samples"] += 1
-        counts["bad_utterances"] += len(sample.captions) if job.audio_source else 0
+        counts["bad_utterances"] += spoken
         return None
 
     suffix = sample.image.suffix.lower().lstrip(".") or "jpg"
     members = [(f"{sample.key}.{'jpg' if suffix == 'jpeg' else suffix}", image)]
     caption_records, wavs = [], []
-    for caption in sample.captions:
+    for position, caption in enumerate(sample.captions):
         wav_member = None
-        if job.audio_source is not None:
-            audio, why = _read_wav(caption)
+        if job.audio_source is not None and caption.audio is not None:
+            audio, why = _read_wav(caption.audio, job.wav_format)
             if audio is None:
-                skipped.append({"key": sample.key, "file": str(caption.audio.name if caption.audio else
-                                                                f"{sample.key}_{caption.id}.wav"), "reason": why})
+                skipped.append({"key": sample.key, "file": caption.audio.name, "reason": why})
                 counts["bad_utterances"] += 1
             else:
-                wav_member = f"{caption.id}.wav"
+                wav_member = f"{position}{caption.audio.suffix.lower()}"
                 wavs.append((f"{sample.key}.{wav_member}", audio))
-        caption_records.append({"id": caption.id, "text": caption.text, "speaker": caption.speaker if wav_member else None,
-                                "audio": wav_member})
+        caption_records.append({"id": caption.id, "text": caption.text if caption.raw is None else caption.raw,
+                                "speaker": caption.speaker if wav_member else None, "audio": wav_member})
     text = "".join(caption.text + "\n" for caption in sample.captions).encode("utf-8")
     metadata = {"key": sample.key, "split": sample.split, "captions": caption_records,
                 "source": {"dataset": job.dataset, "image": image_file, "audio": job.audio_source}}
+    extra = {key: value for key, value in sample.meta.items() if key != "image_file"}
+    if extra:
+        metadata["meta"] = extra
     members += [(f"{sample.key}.txt", text),
                 (f"{sample.key}.json", json.dumps(metadata, ensure_ascii=False).encode("utf-8"))]
     members += wavs
@@ -359,22 +368,20 @@ def _sample_members(job: ShardJob, sample: Sample, skipped: list[dict], counts: 
     return members
 
 
-def _read_wav(caption) -> tuple[bytes | None, str]:
-    if caption.audio is None:
-        return None, f"no recording listed for caption #{caption.id}"
+def _read_wav(path: Path, wav_format: WavFormat | None) -> tuple[bytes | None, str]:
     try:
-        data = caption.audio.read_bytes()
+        data = path.read_bytes()
     except FileNotFoundError:
         return None, "wav missing"
     except OSError as error:
         return None, f"cannot read: {error.strerror}"
-    problem = wav_problem(data, len(data))
+    problem = flac_problem(data) if path.suffix.lower() == ".flac" else wav_problem(data, len(data), wav_format)
     if problem:
         return None, f"{problem[0].replace('_', ' ')}: {problem[1]}"
     return data, ""
 
 
-def _build_index(name: str, root: Path, scan, jobs: list[ShardJob], records: dict, options: ShardOptions) -> dict:
+def _build_index(scan: Scan, jobs: list[ShardJob], records: dict, options: ShardOptions) -> dict:
     splits: dict[str, dict] = {}
     skipped: list[dict] = []
     totals = {"planned_samples": 0, "bad_samples": 0, "planned_utterances": 0, "bad_utterances": 0}
@@ -387,20 +394,34 @@ def _build_index(name: str, root: Path, scan, jobs: list[ShardJob], records: dic
         skipped += [{"split": job.split, **entry} for entry in record["skipped"]]
         for key in totals:
             totals[key] += record[key]
-    missing_captions = [p for p in scan.problems if p.kind == "missing_caption"]
+    # What the source itself kept out (an image without captions, an utterance matching no caption)
+    # counts like a file that does not decode.
+    split_of = {sample.key: sample.split for sample in scan.samples}
+    for problem in scan.problems:
+        if problem.drops in ("sample", "utterance"):
+            totals[f"planned_{problem.drops}s"] += 1
+            totals[f"bad_{problem.drops}s"] += 1
+            skipped.append({"split": split_of.get(problem.key), "key": problem.key, "file": problem.file,
+                            "reason": f"{problem.kind.replace('_', ' ')}: {problem.detail}"})
     return {
         "format": FORMAT,
-        "dataset": name,
+        "dataset": scan.name,
         "created_with": f"trimodal {__version__}",
         "args": options.args(),
-        "source": {"root": str(root.resolve()), "dataset_dir": str(scan.layout.dataset_dir.resolve()),
-                   "audio_dir": str(scan.layout.facc_dir.resolve()) if scan.layout.facc_dir else None},
-        "modalities": ["image", "text"] + (["audio"] if scan.layout.facc_dir else []),
+        "source": {"root": str(scan.root.resolve()), "dataset_dir": str(scan.dataset_dir.resolve()),
+                   "audio": scan.audio_source, "audio_dir": str(scan.audio_dir.resolve()) if scan.audio_dir else None},
+        "modalities": scan.modalities,
         "splits": splits,
         "totals": totals,
-        "skipped": sorted(skipped, key=lambda s: (s["key"], s["file"])),
-        "missing_captions": [p.detail for p in missing_captions],
+        "skipped": sorted(skipped, key=lambda s: (s["key"] or "", s["file"])),
+        # Errors and warnings that did not stop sharding and dropped no sample or utterance (a missing
+        # caption, an annotation whose image is unknown, a second recording of a caption): nothing unmentioned.
+        "annotation_problems": [_problem_line(p) for p in scan.problems if p.severity != "info" and not p.drops],
     }
+
+
+def _problem_line(problem: Problem) -> str:
+    return f"{problem.file}{':' + str(problem.line) if problem.line else ''}: {problem.kind}: {problem.detail}"
 
 
 def read_index(path: Path) -> dict:

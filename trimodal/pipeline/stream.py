@@ -69,10 +69,11 @@ def read_shard(path: Path, *, images: bool = True, audio: bool = True) -> ShardC
         contents.captions += texts
         contents.caption_ids += ids[: len(texts)]
         contents.caption_counts.append(len(texts))
-        if audio:  # member `<n>.wav` speaks caption n
+        if audio:  # member `<n>.wav` speaks caption n (line n of KEY.txt); KEY.json gives that caption's id
+            caption_of = {caption["audio"]: caption["id"] for caption in meta["captions"] if caption.get("audio")}
             spoken = sorted((int(s.split(".")[0]), s) for s in members if _is_wav(s) and s.split(".")[0].isdigit())
             contents.wavs += [members[suffix] for _, suffix in spoken]
-            contents.wav_caption_ids += [caption for caption, _ in spoken]
+            contents.wav_caption_ids += [caption_of.get(suffix, number) for number, suffix in spoken]
             contents.wav_counts.append(len(spoken))
     return contents
 

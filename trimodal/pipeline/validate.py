@@ -6,9 +6,10 @@ import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
-from trimodal.pipeline.checks import image_problem, wav_file_problem
+from trimodal.pipeline.checks import WavFormat, flac_problem, format_problem, image_problem, wav_file_format
 from trimodal.pipeline.samples import Problem
 from trimodal.pipeline.sources import scan_source
 from trimodal.progress import SILENT, Reporter
@@ -35,10 +36,15 @@ class ValidationReport:
                 "problems": [problem.to_dict() for problem in self.problems]}
 
 
-def validate_dataset(name: str, root: Path, *, workers: int = 2, reporter: Reporter = SILENT) -> ValidationReport:
-    """Check annotation files, then decode every split image and check every split wav."""
-    root = Path(root)
-    scan = scan_source(name, root)
+def validate_dataset(name: str, root: Path | None, *, workers: int = 2, source_options: dict | None = None,
+                     reporter: Reporter = SILENT) -> ValidationReport:
+    """Check annotation files, then decode every split image and check every split wav.
+
+    Wav formats are counted (`wavs at 16000 Hz, 1 channel(s), 16-bit PCM`); a source that promises one
+    format (FACC) makes every other an error.
+    """
+    scan = scan_source(name, root, **(source_options or {}))
+    root = scan.root
     jobs: list[tuple[str, Path]] = []
     for sample in scan.samples:
         if sample.image is not None:
@@ -47,13 +53,18 @@ def validate_dataset(name: str, root: Path, *, workers: int = 2, reporter: Repor
 
     problems = list(scan.problems)
     batches = [jobs[i : i + _BATCH] for i in range(0, len(jobs), _BATCH)]
+    formats: Counter = Counter()
+    check = partial(_check_batch, wav_format=scan.wav_format)
     with reporter.task("check files", total=len(jobs), unit="files") as task, \
             ThreadPoolExecutor(max(1, workers)) as pool:
-        for batch, found in zip(batches, pool.map(_check_batch, batches)):
+        for batch, (found, batch_formats) in zip(batches, pool.map(check, batches)):
             problems += [Problem(kind, "error", os.path.relpath(path, root), detail=detail) for kind, path, detail in found]
+            formats.update(batch_formats)
             task.advance(len(batch))
 
     counts = dict(scan.counts)
+    for wav_format, count in sorted(formats.items(), key=lambda item: -item[1]):
+        counts[f"wavs at {wav_format.describe()}"] = count
     counts["images_checked"] = sum(1 for kind, _ in jobs if kind == "image")
     counts["wavs_checked"] = len(jobs) - counts["images_checked"]
     order = {"error": 0, "warning": 1, "info": 2}
@@ -61,8 +72,8 @@ def validate_dataset(name: str, root: Path, *, workers: int = 2, reporter: Repor
     return ValidationReport(name, root, counts, problems)
 
 
-def _check_batch(batch: list[tuple[str, Path]]) -> list[tuple[str, Path, str]]:
-    found = []
+def _check_batch(batch: list[tuple[str, Path]], wav_format: WavFormat | None) -> tuple[list, Counter]:
+    found, formats = [], Counter()
     for kind, path in batch:
         if kind == "image":
             try:
@@ -78,9 +89,17 @@ def _check_batch(batch: list[tuple[str, Path]]) -> list[tuple[str, Path, str]]:
                 found.append(("corrupt_image", path, reason))
         else:
             if not path.is_file():
-                found.append(("missing_wav", path, "listed in wav2capt.txt but not found"))
+                found.append(("missing_wav", path, "listed in the annotations but not found"))
                 continue
-            problem = wav_file_problem(path)
+            if path.suffix.lower() == ".flac":
+                problem = flac_problem(path.read_bytes())
+                if problem:
+                    found.append((problem[0], path, problem[1]))
+                continue
+            header = wav_file_format(path)
+            problem = header if isinstance(header, tuple) else format_problem(header, wav_format)
             if problem:
                 found.append((problem[0], path, problem[1]))
-    return found
+            if not isinstance(header, tuple):
+                formats[header] += 1
+    return found, formats

@@ -1,26 +1,123 @@
-"""Dataset recipes: each turns one raw layout into Samples. Looked up by dataset name."""
+"""Dataset sources: each module here reads one raw layout into Samples and registers itself by name.
+
+A source is `sources/<name>.py` plus `manifests/<name>.toml`: the module decorates its scan function
+with `@register_source("<name>")`; nothing else in trimodal names it. Modules are imported on the
+first lookup, so `mm download/validate/shard/info` see a new source without any other change.
+"""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from trimodal.errors import DatasetLayoutError
-from trimodal.pipeline.sources import flickr8k
-
-# The mini dataset is laid out exactly like Flickr8k + FACC, so one recipe reads both.
-_SCANNERS = {"flickr8k": flickr8k.scan, "mini": flickr8k.scan}
-_JOINED = {"facc": "flickr8k"}
+from trimodal.errors import ConfigError, DatasetLayoutError
+from trimodal.pipeline.checks import WavFormat
+from trimodal.pipeline.manifest import available, load_manifest
+from trimodal.pipeline.samples import Problem, Sample
 
 
-def scannable() -> list[str]:
-    return sorted(_SCANNERS)
+@dataclass
+class Scan:
+    """What a source read: the split samples (in the dataset's canonical order), problems and counts."""
+
+    name: str
+    root: Path
+    dataset_dir: Path
+    samples: list[Sample]
+    problems: list[Problem]
+    counts: dict[str, int]
+    audio_source: str | None = None  # the dataset the spoken captions come from (facc, spokencoco, itself)
+    audio_dir: Path | None = None
+    # The format every wav must have; None accepts any PCM or float wav (featurize resamples).
+    wav_format: WavFormat | None = None
+
+    @property
+    def has_audio(self) -> bool:
+        return self.audio_source is not None
+
+    @property
+    def modalities(self) -> list[str]:
+        return ["image", "text"] + (["audio"] if self.has_audio else [])
 
 
-def scan_source(name: str, root: Path) -> flickr8k.Scan:
-    if name in _JOINED:
-        raise DatasetLayoutError(
-            f"{name} is not read on its own: it joins {_JOINED[name]} (use `{_JOINED[name]}` with the same --root)"
-        )
-    if name not in _SCANNERS:
-        raise DatasetLayoutError(f"no recipe reads {name!r} yet; datasets with one: {', '.join(scannable())}")
-    return _SCANNERS[name](Path(root), name)
+ScanFunction = Callable[..., Scan]  # scan(root, name, **options) -> Scan
+Synthesizer = Callable[..., dict]  # synthesize(target_dir, *, reporter) -> details for the marker
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    scan: ScanFunction
+    options: frozenset[str] = frozenset()  # source-specific options it accepts, e.g. {"splits"}
+    synthesize: Synthesizer | None = None  # for datasets made locally instead of downloaded
+
+
+_SOURCES: dict[str, Source] = {}
+_discovered = False
+
+
+def register_source(name: str, *, options: tuple[str, ...] = (), synthesize: Synthesizer | None = None):
+    """Decorator for a scan function: `@register_source("coco2014", options=("splits",))`."""
+
+    def register(scan: ScanFunction) -> ScanFunction:
+        if name in _SOURCES and _SOURCES[name].scan is not scan:
+            raise ValueError(f"two sources register the name {name!r}")
+        _SOURCES[name] = Source(name, scan, frozenset(options), synthesize)
+        return scan
+
+    return register
+
+
+def _discover() -> None:
+    global _discovered
+    if not _discovered:
+        for module in pkgutil.iter_modules(__path__):
+            importlib.import_module(f"{__name__}.{module.name}")
+        _discovered = True
+
+
+def source_names() -> list[str]:
+    _discover()
+    return sorted(_SOURCES)
+
+
+def get_source(name: str) -> Source:
+    """The registered source `name`; errors say what to use instead and list the known names."""
+    _discover()
+    if name in _SOURCES:
+        return _SOURCES[name]
+    if name in available():
+        joins = load_manifest(name).joins
+        if joins:
+            raise DatasetLayoutError(f"{name} is not read on its own: it joins {joins} "
+                                     f"(use `{joins}` with the same --root)")
+    raise DatasetLayoutError(f"no source reads {name!r}; datasets with one: {', '.join(source_names())}")
+
+
+def scan_source(name: str, root: Path | None, **options) -> Scan:
+    """Read `name` under `root`; `options` are source-specific (`splits=`, `manifest=`), None = default.
+
+    `root` may be None only with a `manifest` option (a JSONL file that says where everything is).
+    """
+    source = get_source(name)
+    given = {key: value for key, value in options.items() if value is not None}
+    unknown = sorted(set(given) - source.options)
+    if unknown:
+        users = {option: [s.name for s in _SOURCES.values() if option in s.options] for option in unknown}
+        raise ConfigError("; ".join(f"--{option} does not apply to {name} (it applies to "
+                                    f"{', '.join(users[option]) or 'no dataset'})" for option in unknown))
+    if root is None and "manifest" not in given:
+        raise ConfigError(f"--root is required: the folder that holds {name}/")
+    return source.scan(Path(root) if root is not None else None, name, **given)
+
+
+
+def compare_counts(counts: dict, expected: dict, name: str, problems: list[Problem]) -> None:
+    """A warning for every count the manifest also states and that differs (same key in both)."""
+    for key, value in expected.items():
+        if key in counts and counts[key] != value:
+            problems.append(Problem("count_differs", "warning", name,
+                                    detail=f"{key}: found {counts[key]:,}, the {name} manifest says {value:,}"))

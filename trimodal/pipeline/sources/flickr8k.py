@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trimodal.errors import DatasetLayoutError
+from trimodal.pipeline.checks import PCM_16K_MONO
 from trimodal.pipeline.manifest import load_manifest
 from trimodal.pipeline.samples import SPLITS, Caption, Problem, Sample
+from trimodal.pipeline.sources import Scan, register_source
 
 IMAGE_DIRS = ("Flicker8k_Dataset", "Flickr8k_Dataset", "Images")
 TEXT_DIRS = (".", "Flickr8k_text")
@@ -37,22 +39,6 @@ class Layout:
     captions_file: Path | None = None
     split_files: dict[str, Path] = field(default_factory=dict)
     facc_dir: Path | None = None
-
-
-@dataclass
-class Scan:
-    """What the annotation files say: the split samples, the problems found, and counts."""
-
-    name: str
-    root: Path
-    layout: Layout
-    samples: list[Sample]
-    problems: list[Problem]
-    counts: dict[str, int]
-
-    @property
-    def has_audio(self) -> bool:
-        return self.layout.facc_dir is not None
 
 
 def find_layout(root: Path, name: str) -> Layout:
@@ -76,6 +62,7 @@ def find_layout(root: Path, name: str) -> Layout:
     return layout
 
 
+@register_source("flickr8k")
 def scan(root: Path, name: str = "flickr8k") -> Scan:
     """Parse the annotation files under `root/name` (and FACC's, when present)."""
     root = Path(root)
@@ -135,9 +122,13 @@ def scan(root: Path, name: str = "flickr8k") -> Scan:
         problems.append(Problem("image_outside_splits", "info", shown(layout.image_dir / f"{stem}.jpg"),
                                 detail="in the image folder but in no split file"))
     _compare_counts(counts, manifest_counts, name, problems)
-    if layout.facc_dir is not None and layout.facc_dir.parent.name == "facc":
-        _compare_counts(counts, load_manifest("facc").counts, "facc", problems)
-    return Scan(name, root, layout, samples, problems, counts)
+    audio_source = None
+    if layout.facc_dir is not None:
+        audio_source = "facc" if layout.facc_dir.parent.name == "facc" else name
+        if audio_source == "facc":
+            _compare_counts(counts, load_manifest("facc").counts, "facc", problems)
+    return Scan(name, root, layout.dataset_dir, samples, problems, counts, audio_source=audio_source,
+                audio_dir=layout.facc_dir, wav_format=PCM_16K_MONO)
 
 
 def _lines(path: Path, shown: str, problems: list[Problem]):
@@ -266,7 +257,8 @@ def _sample(stem, split, layout, image_captions, image_audio, speakers, captions
         wav = image_audio.get(caption_id)
         if layout.facc_dir is not None and wav is None:
             problems.append(Problem("missing_wav", "error", shown(layout.facc_dir / "wav2capt.txt"),
-                                    detail=f"no recording listed for {stem}.jpg #{caption_id}"))
+                                    detail=f"no recording listed for {stem}.jpg #{caption_id}",
+                                    drops="utterance", key=stem))
         caption_records.append(Caption(caption_id, image_captions[caption_id], wav,
                                        speakers.get(wav.name) if wav is not None else None))
     image = layout.image_dir / f"{stem}.jpg" if layout.image_dir else None

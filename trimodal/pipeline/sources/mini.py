@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from trimodal.pipeline.sources import flickr8k, register_source
 from trimodal.progress import SILENT, Reporter
 
 SAMPLE_RATE = 16_000
@@ -88,7 +89,7 @@ def plan_images(seed: int = 0) -> list[MiniImage]:
 def synthesize_mini(target: Path, *, seed: int = 0, use_espeak: bool | None = None,
                     reporter: Reporter = SILENT) -> dict:
     """Write the mini dataset into the empty folder `target`; returns what was made."""
-    espeak = shutil.which("espeak-ng") if use_espeak in (None, True) else None
+    speak, speech = speech_engine(use_espeak)
     images = plan_images(seed)
     rng = random.Random(seed + 1)
     image_dir = target / "Flicker8k_Dataset"
@@ -106,17 +107,9 @@ def synthesize_mini(target: Path, *, seed: int = 0, use_espeak: bool | None = No
 
     with reporter.task("draw images", total=len(images)) as task:
         for image in images:
-            _draw(image, rng).save(image_dir / f"{image.key}.jpg", "JPEG", quality=90)
+            draw_image(image, rng).save(image_dir / f"{image.key}.jpg", "JPEG", quality=90)
             task.advance()
-
-    speak = (lambda text, speaker: _espeak(espeak, text, speaker)) if espeak else _tone_speech
-    with reporter.task("speak captions", total=len(utterances)) as task, ThreadPoolExecutor(4) as pool:
-        def one(utterance):
-            wav_name, _, _, text, speaker = utterance
-            _write_wav(wav_dir / wav_name, speak(text, speaker))
-            task.advance()
-
-        list(pool.map(one, utterances))
+    speak_all([(wav_dir / wav, text, speaker) for wav, _, _, text, speaker in utterances], speak, reporter)
 
     (target / "Flickr8k.token.txt").write_text("".join(token_lines), encoding="utf-8")
     for split, file_name in (("train", "Flickr_8k.trainImages.txt"), ("val", "Flickr_8k.devImages.txt"),
@@ -130,14 +123,33 @@ def synthesize_mini(target: Path, *, seed: int = 0, use_espeak: bool | None = No
         "".join(f"{wav} {key}.jpg #{n}\n" for wav, key, n, _, _ in utterances), encoding="utf-8")
     (audio_dir / "wav2spk.txt").write_text(
         "".join(f"{wav} {speaker + 1}\n" for wav, _, _, _, speaker in utterances), encoding="utf-8")
-    speech = _espeak_version(espeak) if espeak else "built-in tone synthesiser"
     (target / "readme.txt").write_text(
         "trimodal mini dataset: synthetic shapes with templated captions and spoken captions.\n"
         f"Laid out like Flickr8k + FACC. Seed {seed}. Speech: {speech}.\n", encoding="utf-8")
     return {"images": len(images), "utterances": len(utterances), "speech": speech, "seed": seed}
 
 
-def _draw(image: MiniImage, rng: random.Random) -> Image.Image:
+def speech_engine(use_espeak: bool | None = None):
+    """(speak(text, speaker) -> float32 samples at 16 kHz, description): espeak-ng when on PATH."""
+    espeak = shutil.which("espeak-ng") if use_espeak in (None, True) else None
+    if espeak:
+        return (lambda text, speaker: _espeak(espeak, text, speaker)), _espeak_version(espeak)
+    return _tone_speech, "built-in tone synthesiser"
+
+
+def speak_all(jobs: list[tuple[Path, str, int]], speak, reporter: Reporter = SILENT) -> None:
+    """Write each (wav path, text, speaker) on 4 threads (espeak-ng runs as a subprocess)."""
+    with reporter.task("speak captions", total=len(jobs)) as task, ThreadPoolExecutor(4) as pool:
+        def one(job):
+            path, text, speaker = job
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_wav(path, speak(text, speaker))
+            task.advance()
+
+        list(pool.map(one, jobs))
+
+
+def draw_image(image: MiniImage, rng: random.Random) -> Image.Image:
     width, height = IMAGE_SIZE
     background = np.array(BACKGROUNDS[image.background], dtype=np.int16)
     noise = np.random.default_rng(rng.randrange(2**32)).integers(-12, 13, size=(height, width, 3))
@@ -207,7 +219,7 @@ def _tone_speech(text: str, speaker: int) -> np.ndarray:
     return signal
 
 
-def _write_wav(path: Path, signal: np.ndarray) -> None:
+def write_wav(path: Path, signal: np.ndarray) -> None:
     peak = float(np.abs(signal).max()) or 1.0
     pcm = np.clip(signal / peak * 0.8 * 32767, -32768, 32767).astype("<i2")
     buffer = io.BytesIO()
@@ -217,3 +229,7 @@ def _write_wav(path: Path, signal: np.ndarray) -> None:
         writer.setframerate(SAMPLE_RATE)
         writer.writeframes(pcm.tobytes())
     path.write_bytes(buffer.getvalue())
+
+
+# The mini dataset is laid out exactly like Flickr8k + FACC, so Flickr8k's reader reads it.
+register_source("mini", synthesize=synthesize_mini)(flickr8k.scan)
