@@ -104,6 +104,24 @@ def mini_root(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def mini_coco_root(tmp_path_factory) -> Path:
+    """mini-coco (the mini shapes in the coco2014 + SpokenCOCO layout), synthesised once (read-only)."""
+    root = tmp_path_factory.mktemp("mini-coco-data")
+    download_dataset("mini-coco", root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def mini_coco_shards(mini_coco_root, tmp_path_factory) -> Path:
+    """mini-coco sharded with the defaults (read-only)."""
+    from trimodal.pipeline.shard import ShardOptions, shard_dataset
+
+    out = tmp_path_factory.mktemp("mini-coco-shards") / "mini-coco"
+    shard_dataset("mini-coco", mini_coco_root, out, ShardOptions(workers=2))
+    return out
+
+
 @pytest.fixture
 def mini_copy(mini_root, tmp_path) -> Path:
     """A private, writable copy of the mini dataset root."""

@@ -51,6 +51,7 @@ class Problem:
     # `skipped` and counts it towards --max-bad, like an image that does not decode.
     drops: str | None = None
     key: str | None = None  # the sample it concerns, when there is one
+    split: str | None = None  # that sample's split, when known
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "severity": self.severity, "file": self.file, "line": self.line,

@@ -401,7 +401,7 @@ def _build_index(scan: Scan, jobs: list[ShardJob], records: dict, options: Shard
         if problem.drops in ("sample", "utterance"):
             totals[f"planned_{problem.drops}s"] += 1
             totals[f"bad_{problem.drops}s"] += 1
-            skipped.append({"split": split_of.get(problem.key), "key": problem.key, "file": problem.file,
+            skipped.append({"split": problem.split or split_of.get(problem.key), "key": problem.key, "file": problem.file,
                             "reason": f"{problem.kind.replace('_', ' ')}: {problem.detail}"})
     return {
         "format": FORMAT,

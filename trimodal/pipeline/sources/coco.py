@@ -176,7 +176,7 @@ def _read_karpathy(dataset_dir: Path, images: dict[int, CocoImage], shown, probl
                 key = sample_key(file_name.rsplit(".", 1)[0]) or str(cocoid)
                 problems.append(Problem("karpathy_unknown_image", "error", file, detail=(
                     f"{file_name or cocoid} (cocoid {cocoid}, split {split}) is in no annotation file"),
-                    drops="sample", key=key))
+                    drops="sample", key=key, split=KARPATHY_SPLITS[split]))
                 continue
             if (file_name, entry.get("filepath")) != (image.file_name, image.folder):
                 problems.append(Problem("karpathy_differs", "warning", file, detail=(
@@ -224,7 +224,7 @@ def _sample(cocoid: int, image: CocoImage, split: str, karpathy_split: str | Non
     path = dataset_dir / image.folder / image.file_name
     if not image.captions:
         problems.append(Problem("no_captions", "error", shown(path), detail=f"{image.key} (split {split}) has no caption",
-                                drops="sample", key=image.key))
+                                drops="sample", key=image.key, split=split))
         return None
     captions = []
     for annotation_id, raw in sorted(image.captions):
