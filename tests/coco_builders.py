@@ -76,7 +76,8 @@ class CocoTree:
 
 
 def build_coco_tree(root: Path, *, name: str = "coco2014", train: int = 6, restval: int = 2, val: int = 3,
-                    test: int = 4, spoken: bool = True, seed: int = 0, wav_rate: int = 16_000) -> CocoTree:
+                    test: int = 4, spoken: bool = True, seed: int = 0, wav_rate: int = 16_000,
+                    image_size: tuple[int, int] = (64, 48), jpeg_quality: int = 85, wav_seconds: float = 0.1) -> CocoTree:
     """coco2014 (or coco2017) as its archives unpack, with Karpathy's file and SpokenCOCO under ROOT/spokencoco/.
 
     Quirks of the real files: captions with stray spaces, a newline and a trailing space; image 0 has
@@ -107,13 +108,13 @@ def build_coco_tree(root: Path, *, name: str = "coco2014", train: int = 6, restv
     for number, image in enumerate(images):
         path = tree.image_path(image)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(make_jpeg(seed * 1000 + number))
+        path.write_bytes(make_jpeg(seed * 1000 + number, image_size, jpeg_quality))
     for folder in (f"train{year}", f"val{year}"):
         _write_annotations(tree, folder, rng)
     if year == "2014":
         (tree.dataset_dir / "dataset_coco.json").write_text(json.dumps(karpathy_json(tree)))
     if spoken:
-        _write_spoken(tree, rng, wav_rate)
+        _write_spoken(tree, rng, wav_rate, wav_seconds)
     return tree
 
 
@@ -142,7 +143,7 @@ def karpathy_json(tree: CocoTree) -> dict:
     return {"images": entries, "dataset": "coco"}
 
 
-def _write_spoken(tree: CocoTree, rng: random.Random, wav_rate: int) -> None:
+def _write_spoken(tree: CocoTree, rng: random.Random, wav_rate: int, wav_seconds: float) -> None:
     files = {"train": "SpokenCOCO_train.json", "val": "SpokenCOCO_val.json"}
     tree.spoken = {file_name: [] for file_name in files.values()}
     for number, image in enumerate(tree.images):
@@ -158,7 +159,7 @@ def _write_spoken(tree: CocoTree, rng: random.Random, wav_rate: int) -> None:
             entry["captions"].append({"text": text, "speaker": speaker, "uttid": uttid, "wav": wav})
             path = tree.spoken_dir / wav
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(make_wav(0.1, rate=wav_rate, seed=annotation_id))
+            path.write_bytes(make_wav(wav_seconds, rate=wav_rate, seed=annotation_id))
         tree.spoken[files[part]].append(entry)
     for file_name, entries in tree.spoken.items():
         (tree.spoken_dir / file_name).write_text(json.dumps({"data": entries}))

@@ -47,7 +47,7 @@ def test_every_caption_joins_its_utterance_by_caption_id(tree):
     for sample in scan.samples:
         for caption in sample.captions:
             utterance = spoken[str(caption.id)]
-            assert caption.audio == tree.spoken_dir / utterance["wav"] and caption.speaker == utterance["speaker"]
+            assert caption.audio == str(tree.spoken_dir / utterance["wav"]) and caption.speaker == utterance["speaker"]
 
 
 def test_a_transcript_with_a_typo_is_joined_by_its_id(tree):

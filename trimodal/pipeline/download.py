@@ -10,7 +10,7 @@ from pathlib import Path
 
 from trimodal import __version__
 from trimodal.atomic import write_json
-from trimodal.errors import ChecksumError, ConfigError, DiskSpaceError, ManifestError
+from trimodal.errors import ArchiveError, ChecksumError, ConfigError, DiskSpaceError, ManifestError
 from trimodal.pipeline.extract import extract_archive
 from trimodal.pipeline.fetch import FetchPolicy, fetch, free_bytes, hash_file
 from trimodal.pipeline.manifest import Archive, Manifest, load_manifest
@@ -80,9 +80,9 @@ def download_dataset(
         raise ConfigError(f"{name} is your own data: there is nothing to download "
                           f"(run `mm validate {name}` and `mm shard {name}` on its folder)")
     wanted = _wanted_archives(manifest, only)
-    if force:
+    if force and not only:
         shutil.rmtree(target, ignore_errors=True)
-    elif read_marker(root, name):
+    elif not force and read_marker(root, name):
         return DownloadResult(name, target, already_complete=True, synthetic=manifest.synthetic)
 
     if manifest.synthetic:
@@ -91,11 +91,15 @@ def download_dataset(
     state = read_state(target)
     if state.get("dataset") not in (None, name) or state.get("verified", verify) != verify:
         state = {}
-    if only and all(archive.file in state.get("archives", {}) for archive in wanted):
+    if not force and only and all(archive.file in state.get("archives", {}) for archive in wanted):
         return DownloadResult(name, target, already_complete=True)
     target.mkdir(parents=True, exist_ok=True)
-    state.update({"dataset": name, "complete": False, "verified": verify, "trimodal": __version__})
+    state.update({"dataset": name, "verified": verify, "trimodal": __version__})
     state.setdefault("archives", {})
+    if force:  # with --only: those parts again, the others kept; the record stops claiming them first
+        for archive in wanted:
+            state["archives"].pop(archive.file, None)
+        _write_marker(target, _with_progress(state, manifest))
     outcomes = []
     for archive in wanted:
         recorded = state["archives"].get(archive.file)
@@ -104,16 +108,23 @@ def download_dataset(
             continue
         outcome = _download_archive(archive, root, target, mirror, verify, keep_archives, reporter, policy)
         state["archives"][archive.file] = outcome.__dict__
-        _write_marker(target, state)
+        # Parts are recorded as they finish, so a run that fails later still reports what it has.
+        _write_marker(target, _with_progress(state, manifest))
         outcomes.append(outcome)
-    state["complete"] = all(archive.file in state["archives"] for archive in manifest.archives)
-    state["parts"] = [part for part in manifest.parts()
-                      if all(a.file in state["archives"] for a in manifest.archives if a.part == part)]
-    _write_marker(target, state)
+    _write_marker(target, _with_progress(state, manifest))
     downloads = root / DOWNLOADS
     if downloads.is_dir() and not any(downloads.iterdir()):
         downloads.rmdir()
     return DownloadResult(name, target, already_complete=False, archives=outcomes)
+
+
+def _with_progress(state: dict, manifest: Manifest) -> dict:
+    """`state` with `complete` (every archive present) and `parts` (parts whose archives all are) brought up to date."""
+    present = state["archives"]
+    state["complete"] = all(archive.file in present for archive in manifest.archives)
+    state["parts"] = [part for part in manifest.parts()
+                      if all(a.file in present for a in manifest.archives if a.part == part)]
+    return state
 
 
 def _wanted_archives(manifest: Manifest, only: list[str] | None) -> list[Archive]:
@@ -154,6 +165,8 @@ def _download_archive(
     size = local.stat().st_size
 
     digests: dict[str, str] = {}
+    vouched_for = False  # hashed to a digest known before this download
+    recorded = None
     if verify:
         expected_digests = dict(archive.digests)
         recorded = _recorded_checksums(root).get(archive.file) if archive.unpublished_checksum else None
@@ -166,18 +179,25 @@ def _download_archive(
                 local.unlink()
                 raise ChecksumError(str(local), algorithm, expected, digests[algorithm],
                                     "" if archive.digests else f" (the digest recorded in {root / RECORDED} on its first download)")
-        if archive.unpublished_checksum and not recorded:
-            _record_checksum(root, archive.file, digests["sha256"])
-            reporter.note(f"{archive.file} has no published checksum: its sha256 {digests['sha256']} is recorded in "
-                          f"{root / RECORDED} and every later download of it must match", "warning")
+        vouched_for = bool(expected_digests)
 
     staging = target / f".extracting-{archive.file}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
         summary = extract_archive(local, staging, reporter, keep=archive.keep)
         _merge_into(staging, target)
+    except ArchiveError:
+        if not vouched_for:  # likely a broken transfer (an error page, a cut file): fetch it again next time
+            local.unlink(missing_ok=True)
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    # Trust on first use only once the archive has proved to unpack: a broken first transfer must not
+    # become the digest every later download is held to.
+    if verify and archive.unpublished_checksum and not recorded:
+        _record_checksum(root, archive.file, digests["sha256"])
+        reporter.note(f"{archive.file} has no published checksum: its sha256 {digests['sha256']} is recorded in "
+                      f"{root / RECORDED} and every later download of it must match", "warning")
     if not keep_archives:
         local.unlink()
     return ArchiveOutcome(

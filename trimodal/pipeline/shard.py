@@ -127,12 +127,12 @@ def shard_dataset(name: str, root: Path | None, out: Path, options: ShardOptions
     return index
 
 
-def _stat(path: Path | None) -> tuple[str, int, int] | None:
+def _stat(path: Path | str | None) -> tuple[str, int, int] | None:
     """(path, size, mtime_ns) of an input file; size -1 when it is missing (it is skipped later)."""
     if path is None:
         return None
     try:
-        info = path.stat()
+        info = os.stat(path)
         return str(path), info.st_size, info.st_mtime_ns
     except OSError:
         return str(path), -1, 0
@@ -344,12 +344,13 @@ def _sample_members(job: ShardJob, sample: Sample, skipped: list[dict], counts: 
     for position, caption in enumerate(sample.captions):
         wav_member = None
         if job.audio_source is not None and caption.audio is not None:
-            audio, why = _read_wav(caption.audio, job.wav_format)
+            audio_path = Path(caption.audio)
+            audio, why = _read_wav(audio_path, job.wav_format)
             if audio is None:
-                skipped.append({"key": sample.key, "file": caption.audio.name, "reason": why})
+                skipped.append({"key": sample.key, "file": audio_path.name, "reason": why})
                 counts["bad_utterances"] += 1
             else:
-                wav_member = f"{position}{caption.audio.suffix.lower()}"
+                wav_member = f"{position}{audio_path.suffix.lower()}"
                 wavs.append((f"{sample.key}.{wav_member}", audio))
         caption_records.append({"id": caption.id, "text": caption.text if caption.raw is None else caption.raw,
                                 "speaker": caption.speaker if wav_member else None, "audio": wav_member})

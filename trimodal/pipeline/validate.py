@@ -72,9 +72,10 @@ def validate_dataset(name: str, root: Path | None, *, workers: int = 2, source_o
     return ValidationReport(name, root, counts, problems)
 
 
-def _check_batch(batch: list[tuple[str, Path]], wav_format: WavFormat | None) -> tuple[list, Counter]:
+def _check_batch(batch: list[tuple[str, Path | str]], wav_format: WavFormat | None) -> tuple[list, Counter]:
     found, formats = [], Counter()
     for kind, path in batch:
+        path = Path(path)
         if kind == "image":
             try:
                 data = path.read_bytes()

@@ -214,7 +214,7 @@ def _parse_split_file(path: Path, shown: str, split: str, split_of: dict[str, st
 
 
 def _parse_facc(facc_dir: Path, shown, problems: list[Problem], counts: dict):
-    audio: dict[str, dict[int, Path]] = defaultdict(dict)
+    audio: dict[str, dict[int, str]] = defaultdict(dict)
     wav_dir = facc_dir / "wavs"
     capt = facc_dir / "wav2capt.txt"
     listed = 0
@@ -227,7 +227,7 @@ def _parse_facc(facc_dir: Path, shown, problems: list[Problem], counts: dict):
                                     f"not '<stem>_<n>.wav <stem>.jpg #<n>': {line[:70]!r}"))
             continue
         listed += 1
-        audio[wav["stem"]][int(wav["n"])] = wav_dir / fields[0]
+        audio[wav["stem"]][int(wav["n"])] = str(wav_dir / fields[0])
     counts["wavs_listed"] = listed
     counts["wav_files"] = sum(1 for e in os.scandir(wav_dir) if e.name.endswith(".wav")) if wav_dir.is_dir() else 0
 
@@ -260,7 +260,7 @@ def _sample(stem, split, layout, image_captions, image_audio, speakers, captions
                                     detail=f"no recording listed for {stem}.jpg #{caption_id}",
                                     drops="utterance", key=stem))
         caption_records.append(Caption(caption_id, image_captions[caption_id], wav,
-                                       speakers.get(wav.name) if wav is not None else None))
+                                       speakers.get(os.path.basename(wav)) if wav is not None else None))
     image = layout.image_dir / f"{stem}.jpg" if layout.image_dir else None
     return Sample(stem, split, image, tuple(caption_records),
                   meta={"image_file": shown(image) if image else None})

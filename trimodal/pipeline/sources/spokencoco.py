@@ -36,7 +36,7 @@ def normalise(text: str) -> str:
 
 def join(spoken_dir: Path, images: dict, absent: set[str], shown, problems: list[Problem],
          counts: dict) -> dict[int, dict[int, tuple[str, str | None]]]:
-    """{cocoid: {caption id: (wav path relative to spoken_dir, speaker)}} for every matched utterance.
+    """{cocoid: {caption id: (wav path, speaker)}} for every matched utterance.
 
     `images` maps cocoid to the COCO reader's records (`key`, `folder`, `captions`); utterances of images
     in an `absent` (not downloaded) folder are left out with their images.
@@ -74,6 +74,8 @@ def _join_entry(number, entry, file, spoken_dir, images, cocoid_of, absent, audi
         tally["utterances_left_out"] += len(utterances)
         return
     by_text = None
+    captions = images[cocoid].captions if cocoid is not None else []
+    caption_ids = {annotation_id for annotation_id, _ in captions}
     for utterance in utterances:
         wav = utterance.get("wav") if isinstance(utterance, dict) else None
         uttid = utterance.get("uttid", "") if isinstance(utterance, dict) else ""
@@ -82,16 +84,15 @@ def _join_entry(number, entry, file, spoken_dir, images, cocoid_of, absent, audi
                 f"data[{number}] ({image_path}): an utterance without a 'wav' path: {str(utterance)[:80]}")))
             continue
         text, speaker = str(utterance.get("text", "")), utterance.get("speaker")
-        where = shown(spoken_dir / wav)
+        where = lambda: shown(spoken_dir / wav)  # noqa: E731 - only problems need it: 600k relpaths cost seconds
         if cocoid is None:
             tally["unmatched_utterances"] += 1
-            problems.append(Problem("unmatched_utterance", "error", where, detail=(
+            problems.append(Problem("unmatched_utterance", "error", where(), detail=(
                 f"{uttid}: its image {image_path} is in no COCO annotation file"), drops="utterance", key=key))
             continue
-        captions = images[cocoid].captions
         match = _CAPTION_ID.search(uttid)
         caption_id = int(match.group(1)) if match else None
-        if caption_id is None or all(caption_id != annotation_id for annotation_id, _ in captions):
+        if caption_id not in caption_ids:
             if by_text is None:
                 by_text = defaultdict(list)
                 for annotation_id, raw in captions:
@@ -100,19 +101,19 @@ def _join_entry(number, entry, file, spoken_dir, images, cocoid_of, absent, audi
             if len(candidates) != 1:
                 tally["unmatched_utterances"] += 1
                 why = "several captions have its text" if candidates else "nor its text"
-                problems.append(Problem("unmatched_utterance", "error", where, detail=(
+                problems.append(Problem("unmatched_utterance", "error", where(), detail=(
                     f"{uttid}: {text!r} matches no caption of {key} (no caption id {caption_id}, {why})"),
                     drops="utterance", key=key))
                 continue
             caption_id = candidates[0]
             tally["joined_by_transcript"] += 1
-            problems.append(Problem("joined_by_transcript", "info", where, key=key, detail=(
+            problems.append(Problem("joined_by_transcript", "info", where(), key=key, detail=(
                 f"{uttid}: joined to caption {caption_id} of {key} by its transcript")))
         else:
             tally["joined_by_id"] += 1
         if caption_id in audio[cocoid]:
             tally["duplicate_utterances"] += 1
-            problems.append(Problem("duplicate_utterance", "warning", where, key=key, detail=(
+            problems.append(Problem("duplicate_utterance", "warning", where(), key=key, detail=(
                 f"{uttid}: caption {caption_id} of {key} already has {audio[cocoid][caption_id][0]}; this one is not used")))
             continue
-        audio[cocoid][caption_id] = (wav, speaker if isinstance(speaker, str) else None)
+        audio[cocoid][caption_id] = (f"{spoken_dir}/{wav}", speaker if isinstance(speaker, str) else None)
