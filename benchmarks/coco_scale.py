@@ -8,7 +8,7 @@ SpokenCOCO's two JSON files with 605,000 utterances. Annotation JSON has every f
 have, so it is about as large (the sizes are printed). Image and wav files are hard links to one small
 jpg and one short wav, so the disk holds the tree cheaply: what is measured is the parsing, joining,
 planning, checking and writing at scale, not decoding large files (benchmarks/shard.py does that).
-Each command runs in its own process; its peak RSS comes from wait4's rusage. Baseline: the same
+Each command runs in its own process under GNU time, which reports its peak RSS. Baseline: the same
 process importing trimodal and doing nothing else.
 """
 
@@ -135,13 +135,17 @@ def generate(root: Path) -> dict:
 
 
 def measured(command: list[str]) -> tuple[float, float, int]:
-    """(seconds, peak RSS in MB, exit status) of one command in its own process."""
+    """(seconds, peak RSS in MB, exit status) of one command in its own process.
+
+    GNU time runs it, so the peak is the command's own: a child forked from this (large, after
+    generating the tree) process would inherit its high-water mark.
+    """
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
+    result = subprocess.run(["/usr/bin/time", "-f", "peak-kb %M", *command], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
     seconds = time.perf_counter() - started
-    process.stderr.close()
-    return seconds, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status)
+    peak_kb = next(int(line.split()[1]) for line in reversed(result.stderr.splitlines()) if line.startswith("peak-kb"))
+    return seconds, peak_kb / 1024, result.returncode
 
 
 def main() -> None:

@@ -30,9 +30,10 @@ import zarr
 
 from trimodal import __version__
 from trimodal.errors import TrimodalError
+from trimodal.pipeline.samples import KEY_BYTES, key_problem
 
 FORMAT = "trimodal-features/1"
-KEY_WIDTH = 64
+KEY_WIDTH = KEY_BYTES
 
 
 class StaleCacheError(TrimodalError):
@@ -87,9 +88,10 @@ def plan_layout(index: dict, splits: list[str]) -> list[ShardSlot]:
 def encode_keys(keys: list[str]) -> np.ndarray:
     encoded = np.zeros((len(keys), KEY_WIDTH), dtype=np.uint8)
     for row, key in enumerate(keys):
+        why = key_problem(key)
+        if why:
+            raise TrimodalError(f"sample key {key!r} {why}; the feature store cannot hold it")
         raw = key.encode("ascii")
-        if len(raw) > KEY_WIDTH:
-            raise TrimodalError(f"sample key {key!r} is longer than {KEY_WIDTH} bytes")
         encoded[row, : len(raw)] = np.frombuffer(raw, dtype=np.uint8)
     return encoded
 

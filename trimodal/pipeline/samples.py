@@ -8,6 +8,18 @@ from pathlib import Path
 SPLITS = ("train", "val", "test")
 
 
+KEY_BYTES = 64  # the feature store keeps each key as NUL-padded ASCII of this width
+
+
+def key_problem(key: str) -> str | None:
+    """Why a key cannot be stored (the feature store holds ASCII keys of at most KEY_BYTES), or None."""
+    if not key.isascii():
+        return "is not ASCII"
+    if len(key) > KEY_BYTES:
+        return f"is longer than {KEY_BYTES} bytes"
+    return None
+
+
 def sample_key(stem: str) -> str:
     """A file stem made a webdataset key: dot-free, because webdataset splits member names at the first dot."""
     return stem.replace(".", "_")

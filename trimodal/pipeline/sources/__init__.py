@@ -100,7 +100,8 @@ def get_source(name: str) -> Source:
 def scan_source(name: str, root: Path | None, **options) -> Scan:
     """Read `name` under `root`; `options` are source-specific (`splits=`, `manifest=`), None = default.
 
-    `root` may be None only with a `manifest` option (a JSONL file that says where everything is).
+    `root` may be None only for a source that takes a `manifest` (a JSONL file that says where
+    everything is); that source says what it needs.
     """
     source = get_source(name)
     given = {key: value for key, value in options.items() if value is not None}
@@ -109,7 +110,7 @@ def scan_source(name: str, root: Path | None, **options) -> Scan:
         users = {option: [s.name for s in _SOURCES.values() if option in s.options] for option in unknown}
         raise ConfigError("; ".join(f"--{option} does not apply to {name} (it applies to "
                                     f"{', '.join(users[option]) or 'no dataset'})" for option in unknown))
-    if root is None and "manifest" not in given:
+    if root is None and "manifest" not in source.options:
         raise ConfigError(f"--root is required: the folder that holds {name}/")
     return source.scan(Path(root) if root is not None else None, name, **given)
 

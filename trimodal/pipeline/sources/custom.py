@@ -6,7 +6,8 @@
 2. A JSONL manifest (`--manifest FILE.jsonl`), one sample per line:
    `{"key"?, "image", "captions": [...], "audio": [path or null, ...]?, "split"}`, paths relative to it.
 
-Keys are image stems (dots made underscores) unless a line names its own; a key used twice is an error.
+Keys are image stems (dots made underscores) unless a line names its own; a key used twice is an error,
+and so is one the feature store cannot hold (not ASCII, or longer than 64 bytes).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from trimodal.errors import ConfigError, DatasetLayoutError
 from trimodal.pipeline.jsonstream import MalformedJson, json_items
-from trimodal.pipeline.samples import SPLITS, Caption, Problem, Sample, one_line, sample_key
+from trimodal.pipeline.samples import SPLITS, Caption, Problem, Sample, key_problem, one_line, sample_key
 from trimodal.pipeline.sources import Scan, register_source
 
 SPLIT_ALIASES = {"dev": "val", "valid": "val", "validation": "val"}
@@ -45,42 +46,57 @@ def scan(root: Path | None, name: str = "custom", manifest: Path | None = None) 
 def _scan_metadata(dataset_dir: Path, root: Path, name: str) -> Scan:
     shown = lambda path: os.path.relpath(path, root)  # noqa: E731 - paths in problems are relative to root
     problems: list[Problem] = []
-    files = {path.name[: -len("_metadata.json")]: path for path in sorted((dataset_dir / "metadata").glob("*_metadata.json"))}
+    # Dotfiles are macOS resource forks (`._train_metadata.json`), not splits.
+    files = {path.name[: -len("_metadata.json")]: path for path in sorted((dataset_dir / "metadata").glob("*_metadata.json"))
+             if not path.name.startswith(".")}
     samples: list[Sample] = []
     counts = {"rows": 0}
     keys: dict[str, str] = {}
     for split_name, path in files.items():
         split = SPLIT_ALIASES.get(split_name, split_name)
-        if split not in SPLITS:
-            problems.append(Problem("unknown_split", "error", shown(path), detail=(
-                f"{path.name}: split {split_name!r} is none of {', '.join(SPLITS)} (or dev/valid/validation)")))
-            continue
         grouped: dict[str, list[tuple[int, dict]]] = defaultdict(list)
+        rows_read = 0
         try:
+            # `number` is the list index (a row's id when it has none); messages count rows from 1.
             for number, row in enumerate(json_items(path, "item")):
                 counts["rows"] += 1
+                rows_read += 1
                 image = row.get("image_filename") if isinstance(row, dict) else None
                 if not isinstance(image, str) or not image:
                     problems.append(Problem("bad_row", "error", shown(path), detail=(
-                        f"row {number} has no 'image_filename': {str(row)[:80]}"), drops="sample"))
+                        f"row {number + 1} has no 'image_filename': {str(row)[:80]}"), drops="sample"))
                     continue
                 grouped[image].append((number, row))
         except MalformedJson as error:
             problems.append(Problem("malformed_json", "error", shown(path), error.line, f"does not parse: {error}"))
             continue
+        if not rows_read and not _is_json_list(path):
+            # ijson finds no list items in `{"data": [...]}`: without this the split would silently be empty.
+            problems.append(Problem("malformed_json", "error", shown(path), detail=(
+                "is not a JSON list of {id, caption, image_filename, audio_filename?} rows")))
+            continue
+        if split not in SPLITS:
+            # The file's images all stay out of the shards: one problem each, so that --max-bad counts them.
+            problems += [Problem("unknown_split", "error", shown(path), detail=(
+                f"{image}: split {split_name!r} (from {path.name}) is none of {', '.join(SPLITS)} "
+                "(or dev/valid/validation)"), drops="sample", key=sample_key(Path(image).stem)) for image in grouped]
+            continue
         for image, rows in grouped.items():
             image_path = dataset_dir / "images" / split_name / image
-            key = _claim_key(sample_key(Path(image).stem), image_path, keys, shown, problems, shown(path))
+            key = _claim_key(sample_key(Path(image).stem), split, image_path, keys, shown, problems, shown(path))
+            if key is None:
+                continue
             captions, ids = [], []
             for number, row in rows:
                 text = row.get("caption")
                 if not isinstance(text, str) or not one_line(text):
-                    problems.append(Problem("no_caption", "error", shown(path), detail=f"row {number} ({image}) has no caption"))
+                    problems.append(Problem("no_caption", "error", shown(path), detail=(
+                        f"row {number + 1} (id {row.get('id', number)}, {image}) has no caption")))
                     continue
                 audio = row.get("audio_filename")
                 speaker = row.get("speaker")
                 captions.append(Caption(len(captions), one_line(text),
-                                        dataset_dir / "audio" / split_name / audio if isinstance(audio, str) and audio else None,
+                                        str(dataset_dir / "audio" / split_name / audio) if isinstance(audio, str) and audio else None,
                                         str(speaker) if speaker is not None else None, text if one_line(text) != text else None))
                 ids.append(row.get("id", number))
             sample = _sample(key, split, image_path, captions, {"row_ids": ids}, shown, problems, shown(path))
@@ -116,17 +132,23 @@ def _scan_jsonl(manifest: Path, root: Path, name: str) -> Scan:
                 continue
             split = SPLIT_ALIASES.get(row["split"], row["split"])
             image_path = base / row["image"]
-            default_key = sample_key(Path(row["image"]).stem)
+            key = sample_key(row["key"] if row.get("key") else Path(row["image"]).stem)
             if split not in SPLITS:
                 problems.append(Problem("unknown_split", "error", file, number, (
                     f"split {row['split']!r} is none of {', '.join(SPLITS)} (or dev/valid/validation)"),
-                    drops="sample", key=row.get("key") or default_key))
+                    drops="sample", key=key))
                 continue
-            key = _claim_key(sample_key(row["key"]) if row.get("key") else default_key, image_path, keys, shown,
-                             problems, file, number)
+            key = _claim_key(key, split, image_path, keys, shown, problems, file, number)
+            if key is None:
+                continue
             audio = row.get("audio") or [None] * len(row["captions"])
-            captions = [Caption(n, one_line(text), base / wav if wav else None, None, text if one_line(text) != text else None)
-                        for n, (text, wav) in enumerate(zip(row["captions"], audio)) if one_line(text)]
+            captions = []
+            for n, (text, wav) in enumerate(zip(row["captions"], audio)):
+                if not one_line(text):
+                    problems.append(Problem("no_caption", "error", file, number, f"caption {n} of {shown(image_path)} is empty"))
+                    continue
+                captions.append(Caption(n, one_line(text), str(base / wav) if wav else None, None,
+                                        text if one_line(text) != text else None))
             sample = _sample(key, split, image_path, captions, {}, shown, problems, file, number)
             if sample is not None:
                 samples.append(sample)
@@ -152,7 +174,20 @@ def _row_problem(row) -> str | None:
     return None
 
 
-def _claim_key(key: str, image: Path, keys: dict[str, str], shown, problems, file: str, line: int | None = None) -> str:
+def _is_json_list(path: Path) -> bool:
+    with open(path, "rb") as reader:
+        return reader.read(4096).lstrip().startswith(b"[")
+
+
+def _claim_key(key: str, split: str, image: Path, keys: dict[str, str], shown, problems, file: str,
+               line: int | None = None) -> str | None:
+    """`key`, recorded as taken; None (and a counted problem) when the feature store could not hold it."""
+    why = key_problem(key)
+    if why:
+        problems.append(Problem("bad_key", "error", file, line, (
+            f"key {key!r} of {shown(image)} {why}: rename the image (or, in a JSONL manifest, give a 'key')"),
+            drops="sample", key=key, split=split))
+        return None
     if key in keys:
         problems.append(Problem("duplicate_key", "error", file, line, (
             f"key {key!r} of {shown(image)} is also the key of {keys[key]}: give samples distinct image names "
@@ -164,7 +199,7 @@ def _claim_key(key: str, image: Path, keys: dict[str, str], shown, problems, fil
 def _sample(key, split, image, captions, meta, shown, problems, file, line=None) -> Sample | None:
     if not captions:
         problems.append(Problem("no_captions", "error", file, line, f"{shown(image)} has no caption",
-                                drops="sample", key=key))
+                                drops="sample", key=key, split=split))
         return None
     return Sample(key, split, image, tuple(captions), {"image_file": shown(image), **meta})
 
