@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from trimodal.training.evaluate import chance_at_k, first_positive_ranks, retrieval_metrics
+from trimodal.errors import ConfigError
+from trimodal.training.evaluate import (chance_at_k, first_positive_ranks, fold_sizes, mean_over_folds, retrieval_metrics,
+                                        score_folds, score_latents)
 
 
 def test_first_positive_ranks_on_a_hand_built_matrix():
@@ -47,3 +49,47 @@ def test_text_to_image_counts_only_its_own_image():
     queries = torch.tensor([[0, 1.0, 0, 0], [1.0, 0, 0, 0]])  # caption of image 0 looks like image 1
     metrics = retrieval_metrics(queries, np.array([0, 0]), images, np.arange(4))
     assert metrics["R@1"] == 0.5 and metrics["median_rank"] == 1.5
+
+
+def test_each_fold_is_scored_on_its_own_images_captions_and_utterances_and_the_mean_is_their_mean():
+    torch.manual_seed(0)
+    images = 11  # 3 folds of 4, 4 and 3 images
+    caption_image = np.repeat(np.arange(images), [1, 3, 2, 2, 1, 3, 2, 1, 2, 3, 2])
+    utterance_image = np.repeat(np.arange(images), 2)
+    groups = {"image": np.arange(images), "text": caption_image, "audio": utterance_image}
+    latents = {modality: torch.randn(len(rows), 8) for modality, rows in groups.items()}
+    sizes = fold_sizes(images, 3)
+    assert sizes == [4, 4, 3]
+
+    per_fold = score_folds(latents, groups, sizes)
+
+    for (start, stop), scored in zip([(0, 4), (4, 8), (8, 11)], per_fold):
+        # By hand: the fold's rows of each modality, their image numbered from the fold's first image.
+        rows = {m: [i for i, image in enumerate(g) if start <= image < stop] for m, g in groups.items()}
+        fold_latents = {m: latents[m][rows[m]] for m in groups}
+        fold_groups = {m: groups[m][rows[m]] - start for m in groups}
+        assert len(scored) == 6
+        for name, metrics in scored.items():
+            query, candidate = name.split("->")
+            expected = retrieval_metrics(fold_latents[query], fold_groups[query], fold_latents[candidate],
+                                         fold_groups[candidate])
+            assert metrics == pytest.approx(expected)
+    # A fold is not the whole split: fewer candidates give a different chance@10 (and ranks).
+    assert per_fold[0]["image->text"]["chance@10"] != score_latents(latents, groups)["image->text"]["chance@10"]
+    mean = mean_over_folds(per_fold)
+    for name, metrics in mean.items():
+        for metric, value in metrics.items():
+            assert value == pytest.approx(np.mean([fold[name][metric] for fold in per_fold]))
+    assert set(mean["text->audio"]) == {"R@1", "R@5", "R@10", "median_rank", "chance@10"}
+
+
+@pytest.mark.parametrize("folds", [1, 0, 12])
+def test_fewer_than_two_folds_or_more_folds_than_images_is_refused(folds):
+    with pytest.raises(ConfigError, match="--folds must be between 2 and the split's 11 images"):
+        fold_sizes(11, folds)
+
+
+def test_folds_divide_the_images_as_equally_as_possible_first_ones_larger():
+    assert fold_sizes(5000, 5) == [1000] * 5
+    assert fold_sizes(7, 7) == [1] * 7
+    assert fold_sizes(13, 5) == [3, 3, 3, 2, 2]

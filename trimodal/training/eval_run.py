@@ -10,7 +10,8 @@ from trimodal.errors import ConfigError, TrimodalError
 from trimodal.features.image import resolve_device
 from trimodal.training.checkpoint import load_weights
 from trimodal.training.data import load_split
-from trimodal.training.evaluate import adapted_evaluation, evaluate_split, mean_recall
+from trimodal.training.evaluate import (adapted_evaluation, embed_split, fold_sizes, mean_over_folds, mean_recall,
+                                        score_folds, score_latents, split_groups)
 from trimodal.training.models import build_model
 from trimodal.training.trainer import CHECKPOINTS
 
@@ -27,8 +28,13 @@ def read_resolved_config(run: Path) -> dict:
 
 def evaluate_run(run: Path, *, split: str = "test", checkpoint: str = "best", ttt: bool = False,
                  shards: Path | None = None, features: Path | None = None, device: str = "auto",
-                 ttt_k: int | None = None, ttt_step: float | None = None) -> dict:
-    """Evaluate and write `run/eval-<split>.json`; returns what was written."""
+                 ttt_k: int | None = None, ttt_step: float | None = None, folds: int | None = None) -> dict:
+    """Evaluate and write `run/eval-<split>.json`; returns what was written.
+
+    With `folds`, the split's images (in shard order) are also cut into that many consecutive folds, as
+    equal as possible with the first ones one larger, and every direction is scored within each fold:
+    "directions_folds" per fold and "directions_1k" their mean (COCO's 1k protocol for 5 folds of its
+    5,000 Karpathy test images). Folds apply to the plain evaluation only, not to TTT."""
     if checkpoint not in ("best", "last"):
         raise ConfigError(f"--checkpoint must be best or last (got {checkpoint!r})")
     run = Path(run)
@@ -46,11 +52,18 @@ def evaluate_run(run: Path, *, split: str = "test", checkpoint: str = "best", tt
 
     data = load_split(shards, features, split, train["modalities"],
                       max_audio_frames(TrainConfig(max_audio_seconds=float(train["max_audio_seconds"]))))
+    sizes = fold_sizes(len(data.keys), folds) if folds is not None else None
+    # Embedded once: the whole split and every fold are scored from the same latents.
+    latents, groups = embed_split(model, data, target, train["eval_batch_size"]), split_groups(data)
     result = {"split": split, "checkpoint": checkpoint, "images": len(data.keys),
               "captions": 0 if data.tokens is None else len(data.tokens),
               "utterances": 0 if data.mels is None else len(data.mels),
-              "directions": evaluate_split(model, data, target, train["eval_batch_size"]), "ttt": ttt}
+              "directions": score_latents(latents, groups), "ttt": ttt}
     result["mean_recall"] = mean_recall(result["directions"])
+    if sizes is not None:
+        result["folds"] = {"count": folds, "images": sizes}
+        result["directions_folds"] = score_folds(latents, groups, sizes)
+        result["directions_1k"] = mean_over_folds(result["directions_folds"])
     if ttt:
         if (ttt_k is not None and ttt_k < 1) or (ttt_step is not None and not 0 < ttt_step <= 1):
             raise ConfigError("--ttt-k must be at least 1 and --ttt-step in (0, 1]")

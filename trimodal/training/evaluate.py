@@ -1,10 +1,12 @@
-"""Multi-positive retrieval metrics in all six directions, and embedding a whole split for them."""
+"""Multi-positive retrieval metrics in all six directions, over a whole split or within folds of it,
+and embedding a whole split for them."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from trimodal.errors import ConfigError
 from trimodal.training.data import SplitData
 
 DIRECTIONS = (("image", "text"), ("text", "image"), ("image", "audio"),
@@ -74,20 +76,57 @@ def embed_split(model, data: SplitData, device: torch.device, batch_size: int = 
     return latents
 
 
-def evaluate_split(model, data: SplitData, device: torch.device, batch_size: int = 256) -> dict:
-    """{"query->candidate": metrics} for every direction whose modalities the split has."""
-    latents = embed_split(model, data, device, batch_size)
+def split_groups(data: SplitData) -> dict[str, np.ndarray]:
+    """The image row each image, caption and utterance belongs to: the positives of retrieval."""
     groups = {"image": np.arange(len(data.keys))}
     if data.caption_image is not None:
         groups["text"] = data.caption_image
     if data.utterance_image is not None:
         groups["audio"] = data.utterance_image
+    return groups
+
+
+def score_latents(latents: dict[str, torch.Tensor], groups: dict[str, np.ndarray]) -> dict:
+    """{"query->candidate": metrics} for every direction whose modalities both have latents."""
     results = {}
     for query, candidate in DIRECTIONS:
         if query in latents and candidate in latents:
             results[direction_name(query, candidate)] = retrieval_metrics(
                 latents[query], groups[query], latents[candidate], groups[candidate])
     return results
+
+
+def evaluate_split(model, data: SplitData, device: torch.device, batch_size: int = 256) -> dict:
+    """{"query->candidate": metrics} for every direction whose modalities the split has."""
+    return score_latents(embed_split(model, data, device, batch_size), split_groups(data))
+
+
+def fold_sizes(images: int, folds: int) -> list[int]:
+    """Images per fold, as equal as possible with the first folds one larger (11 in 3 -> 4, 4, 3)."""
+    if not 2 <= folds <= images:
+        raise ConfigError(f"--folds must be between 2 and the split's {images} images (got {folds})")
+    return [images // folds + (fold < images % folds) for fold in range(folds)]
+
+
+def score_folds(latents: dict[str, torch.Tensor], groups: dict[str, np.ndarray], sizes: list[int]) -> list[dict]:
+    """score_latents within each fold of consecutive images: a fold's captions and utterances are those
+    of its images, and only its own items are candidates (the COCO "1k" protocol with 5 x 1,000)."""
+    per_fold, start = [], 0
+    for size in sizes:
+        fold_latents, fold_groups = {}, {}
+        for modality, modality_latents in latents.items():
+            rows = np.flatnonzero((groups[modality] >= start) & (groups[modality] < start + size))
+            fold_latents[modality] = modality_latents[torch.as_tensor(rows, device=modality_latents.device)]
+            fold_groups[modality] = groups[modality][rows] - start
+        per_fold.append(score_latents(fold_latents, fold_groups))
+        start += size
+    return per_fold
+
+
+def mean_over_folds(per_fold: list[dict]) -> dict:
+    """Every metric of every direction averaged over the folds (median rank included)."""
+    return {name: {metric: float(np.mean([fold[name][metric] for fold in per_fold])) for metric in metrics}
+            for name, metrics in per_fold[0].items()}
 
 
 def mean_recall(directions: dict) -> float:
