@@ -116,6 +116,16 @@ def test_a_wav_at_another_rate_is_recorded_not_rejected(tmp_path):
     assert index["totals"]["bad_utterances"] == 0
 
 
+def test_featurize_resamples_a_wav_at_another_rate_to_16khz_frames(tmp_path):
+    from trimodal.features.audio import MelConfig, MelExtractor
+
+    tree = build_coco_tree(tmp_path / "data", wav_rate=22_050)
+    index = shard_dataset("coco2014", tree.root, tmp_path / "out")
+    contents = read_shard(tmp_path / "out" / index["splits"]["val"]["shards"][0]["name"])
+    mels = MelExtractor().from_bytes(contents.wavs[:3])
+    assert [len(mel) for mel in mels] == [MelConfig().frames(int(0.1 * 16_000))] * 3
+
+
 def test_a_truncated_wav_is_an_error_and_a_skipped_utterance(tree, tmp_path):
     wav = tree.spoken_dir / tree.utterances()[5]["wav"]
     wav.write_bytes(wav.read_bytes()[:400])
