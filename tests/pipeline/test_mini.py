@@ -6,7 +6,8 @@ import soundfile
 from PIL import Image
 
 from trimodal.pipeline.download import download_dataset, read_marker
-from trimodal.pipeline.sources.mini import COLOURS, SPLIT_SIZES, plan_images, synthesize_mini
+from trimodal.pipeline.sources.mini import synthesize_mini
+from trimodal.pipeline.synthetic import COLOURS, SPLIT_SIZES, plan_images
 from trimodal.pipeline.validate import validate_dataset
 
 
@@ -42,7 +43,7 @@ def test_captions_describe_their_image(mini_root):
         assert all(image.colour in text and image.shape in text for text in captions[image.key])
         pixels = np.asarray(Image.open(mini / "Flicker8k_Dataset" / f"{image.key}.jpg").convert("RGB"), dtype=float)
         if image.size == "large" and image.shape in ("circle", "square"):
-            from trimodal.pipeline.sources.mini import POSITIONS
+            from trimodal.pipeline.synthetic import POSITIONS
 
             x = int(POSITIONS[image.position] * pixels.shape[1])
             centre = pixels[pixels.shape[0] // 2 - 2 : pixels.shape[0] // 2 + 3, x - 2 : x + 3].mean(axis=(0, 1))

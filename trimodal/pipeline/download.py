@@ -14,9 +14,9 @@ from trimodal.errors import ArchiveError, ChecksumError, ConfigError, DiskSpaceE
 from trimodal.pipeline.extract import extract_archive
 from trimodal.pipeline.fetch import FetchPolicy, fetch, free_bytes, hash_file
 from trimodal.pipeline.manifest import Archive, Manifest, load_manifest
+from trimodal.pipeline.marker import MARKER, read_marker, read_state, write_marker  # noqa: F401 - MARKER, read_marker re-exported
 from trimodal.progress import SILENT, Reporter
 
-MARKER = ".trimodal-download.json"
 DOWNLOADS = ".downloads"
 # sha256 of archives that have no published checksum, taken on their first download (trust on first use).
 RECORDED = ".trimodal-recorded-checksums.json"
@@ -40,23 +40,6 @@ class DownloadResult:
     already_complete: bool
     archives: list[ArchiveOutcome] = field(default_factory=list)
     synthetic: bool = False
-
-
-def marker_path(root: Path, name: str) -> Path:
-    return root / name / MARKER
-
-
-def read_marker(root: Path, name: str) -> dict | None:
-    """The completion record of `root/name`, or None when that download is not complete."""
-    try:
-        record = json.loads(marker_path(root, name).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return record if record.get("complete") is True else None
-
-
-def _write_marker(target: Path, record: dict) -> None:
-    write_json(target / MARKER, record, sort_keys=True)
 
 
 def download_dataset(
@@ -99,7 +82,7 @@ def download_dataset(
     if force:  # with --only: those parts again, the others kept; the record stops claiming them first
         for archive in wanted:
             state["archives"].pop(archive.file, None)
-        _write_marker(target, _with_progress(state, manifest))
+        write_marker(target, _with_progress(state, manifest))
     outcomes = []
     for archive in wanted:
         recorded = state["archives"].get(archive.file)
@@ -109,9 +92,9 @@ def download_dataset(
         outcome = _download_archive(archive, root, target, mirror, verify, keep_archives, reporter, policy)
         state["archives"][archive.file] = outcome.__dict__
         # Parts are recorded as they finish, so a run that fails later still reports what it has.
-        _write_marker(target, _with_progress(state, manifest))
+        write_marker(target, _with_progress(state, manifest))
         outcomes.append(outcome)
-    _write_marker(target, _with_progress(state, manifest))
+    write_marker(target, _with_progress(state, manifest))
     downloads = root / DOWNLOADS
     if downloads.is_dir() and not any(downloads.iterdir()):
         downloads.rmdir()
@@ -137,14 +120,6 @@ def _wanted_archives(manifest: Manifest, only: list[str] | None) -> list[Archive
     if unknown:
         raise ConfigError(f"{manifest.name} has no part {', '.join(map(repr, unknown))}; its parts: {', '.join(parts)}")
     return [archive for archive in manifest.archives if archive.part in only]
-
-
-def read_state(target: Path) -> dict:
-    """The download record of a dataset folder, complete or not ({} when there is none)."""
-    try:
-        return json.loads((target / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
 
 
 def _download_archive(
@@ -267,7 +242,7 @@ def _synthesize(manifest: Manifest, root: Path, reporter: Reporter) -> DownloadR
     staging.mkdir(parents=True)
     try:
         details = synthesize(staging, reporter=reporter)
-        _write_marker(staging, {"dataset": manifest.name, "complete": True, "synthetic": True,
+        write_marker(staging, {"dataset": manifest.name, "complete": True, "synthetic": True,
                                 "trimodal": __version__, **details})
         shutil.rmtree(target, ignore_errors=True)
         os.replace(staging, target)

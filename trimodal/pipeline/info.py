@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 
 from trimodal.errors import TrimodalError
-from trimodal.pipeline.download import DOWNLOADS, MARKER, read_state
+from trimodal.pipeline.download import DOWNLOADS
+from trimodal.pipeline.marker import MARKER, read_state
 from trimodal.pipeline.manifest import available
 from trimodal.pipeline.shard import INDEX, read_index
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trimodal.errors import ConfigError, DatasetLayoutError
-from trimodal.pipeline.download import read_state
+from trimodal.pipeline.marker import read_state
 from trimodal.pipeline.jsonstream import MalformedJson, json_items
 from trimodal.pipeline.manifest import load_manifest
 from trimodal.pipeline.samples import Caption, Problem, Sample, one_line, sample_key

@@ -14,7 +14,6 @@ import random
 from pathlib import Path
 
 from trimodal.pipeline.sources import coco, register_source
-from trimodal.pipeline.sources.mini import TEMPLATES, draw_image, plan_images, speak_all, speech_engine
 from trimodal.pipeline.sources.spokencoco import normalise
 from trimodal.progress import SILENT, Reporter
 
@@ -25,6 +24,8 @@ WRONG_ID_UTTERANCES = 2
 def synthesize_mini_coco(target: Path, *, seed: int = 0, use_espeak: bool | None = None,
                          reporter: Reporter = SILENT) -> dict:
     """Write mini-coco into the empty folder `target`; returns what was made."""
+    from trimodal.pipeline.synthetic import TEMPLATES, draw_image, plan_images, speak_all, speech_engine
+
     speak, speech = speech_engine(use_espeak)
     rng = random.Random(seed + 2)
     records, annotations, utterances = [], [], []
