@@ -183,11 +183,13 @@ def _read_karpathy(dataset_dir: Path, images: dict[int, CocoImage], shown, probl
                 problems.append(Problem("karpathy_differs", "warning", file, detail=(
                     f"cocoid {cocoid} is {entry.get('filepath')}/{file_name} here, "
                     f"{image.folder}/{image.file_name} in the annotations")))
-            sentences = Counter(normalised(s.get("raw", "")) for s in entry.get("sentences", ()) if isinstance(s, dict))
-            if sentences != Counter(normalised(text) for _, text in image.captions):
-                differing = sum((sentences - Counter(normalised(text) for _, text in image.captions)).values())
+            # Sorted lists, not Counters: the same test at a fraction of the cost over 600k sentences.
+            sentences = sorted(normalised(s.get("raw", "")) for s in entry.get("sentences", ()) if isinstance(s, dict))
+            annotated = sorted(normalised(text) for _, text in image.captions)
+            if sentences != annotated:
+                differing = sum((Counter(sentences) - Counter(annotated)).values())
                 problems.append(Problem("karpathy_caption_differs", "warning", file, key=image.key, detail=(
-                    f"{image.key}: {differing} of its {sum(sentences.values())} Karpathy sentences differ from the "
+                    f"{image.key}: {differing} of its {len(sentences)} Karpathy sentences differ from the "
                     f"{len(image.captions)} annotation captions (the annotations are used)")))
             order.append((cocoid, KARPATHY_SPLITS[split], split))
     except MalformedJson as error:
@@ -222,8 +224,9 @@ def _absent_folders(dataset_dir: Path, name: str, images, order, shown, problems
 
 def _sample(cocoid: int, image: CocoImage, split: str, karpathy_split: str | None, dataset_dir: Path,
             spoken: dict[int, tuple[str, str | None]], problems) -> Sample | None:
-    path = dataset_dir / image.folder / image.file_name
-    image_file = f"{dataset_dir.name}/{image.folder}/{image.file_name}"  # shown(path), without its cost at scale
+    # Strings joined, then one Path: two `/` per image cost seconds at 123k images, as does relpath.
+    path = Path(f"{dataset_dir}/{image.folder}/{image.file_name}")
+    image_file = f"{dataset_dir.name}/{image.folder}/{image.file_name}"
     if not image.captions:
         problems.append(Problem("no_captions", "error", image_file, detail=f"{image.key} (split {split}) has no caption",
                                 drops="sample", key=image.key, split=split))
