@@ -179,3 +179,11 @@ def test_a_missing_karpathy_file_points_at_official_splits(tree):
 def test_an_unknown_splits_value_is_refused(tree):
     with pytest.raises(ConfigError, match="karpathy, official"):
         scan_source("coco2014", tree.root, splits="random")
+
+
+def test_sharding_annotations_without_any_image_folder_is_refused(tree, tmp_path):
+    shutil.rmtree(tree.dataset_dir / "train2014")
+    shutil.rmtree(tree.dataset_dir / "val2014")
+    with pytest.raises(DatasetLayoutError, match="nothing to shard"):
+        shard_dataset("coco2014", tree.root, tmp_path / "out")
+    assert not (tmp_path / "out" / "index.json").exists()

@@ -91,6 +91,9 @@ def shard_dataset(name: str, root: Path | None, out: Path, options: ShardOptions
         examples = "; ".join(f"{p.file}{':' + str(p.line) if p.line else ''}: {p.detail}" for p in fatal[:5])
         raise DatasetLayoutError(f"{len(fatal)} problem(s) in the annotation files of {scan.dataset_dir}: {examples}; "
                                  f"`mm validate {name}` with the same options lists them all")
+    if not scan.samples:
+        raise DatasetLayoutError(f"nothing to shard: {scan.dataset_dir} has no sample in any split "
+                                 f"(`mm validate {name}` with the same options says why)")
     jobs = _plan_jobs(scan, options)
     out.mkdir(parents=True, exist_ok=True)
     (out / SIDECARS).mkdir(exist_ok=True)
