@@ -187,3 +187,38 @@ def test_sharding_annotations_without_any_image_folder_is_refused(tree, tmp_path
     with pytest.raises(DatasetLayoutError, match="nothing to shard"):
         shard_dataset("coco2014", tree.root, tmp_path / "out")
     assert not (tmp_path / "out" / "index.json").exists()
+
+
+def test_official_splits_do_not_warn_about_karpathy_split_counts(tree):
+    report = validate_dataset("coco2014", tree.root, source_options={"splits": "official"})
+    assert not [p for p in report.problems if p.kind == "count_differs" and p.detail.split(":")[0] in ("train", "val", "test")]
+
+
+def test_a_karpathy_entry_with_null_sentences_is_a_warning_not_a_crash(tree):
+    path = tree.dataset_dir / "dataset_coco.json"
+    data = json.loads(path.read_text())
+    data["images"][0]["sentences"] = None
+    data["images"][1]["sentences"][0]["raw"] = None
+    path.write_text(json.dumps(data))
+    report = validate_dataset("coco2014", tree.root)
+    assert report.ok
+    assert {p.key for p in report.problems if p.kind == "karpathy_caption_differs"} == {tree.images[0].key, tree.images[1].key}
+
+
+def test_two_image_ids_with_one_file_name_stop_sharding(tree, tmp_path):
+    image = tree.by_split("val")[0]
+    tree.rewrite_annotations(image.folder, lambda data: data["images"].append(
+        {"id": 777, "file_name": image.file_name, "height": 1, "width": 1}))
+    report = validate_dataset("coco2014", tree.root)
+    assert any(p.kind == "duplicate_key" and image.file_name in p.detail for p in report.problems)
+    with pytest.raises(DatasetLayoutError, match="duplicate|file name"):
+        shard_dataset("coco2014", tree.root, tmp_path / "out")
+
+
+def test_an_annotation_without_a_caption_is_listed_and_does_not_stop_sharding(tree, tmp_path):
+    image = tree.by_split("train")[0]
+    tree.rewrite_annotations(image.folder, lambda data: data["annotations"].append({"image_id": image.cocoid, "id": 3}))
+    report = validate_dataset("coco2014", tree.root)
+    assert [p.kind for p in report.problems if p.severity == "error"] == ["bad_annotation"]
+    index = shard_dataset("coco2014", tree.root, tmp_path / "out")
+    assert any("bad_annotation" in line for line in index["annotation_problems"])

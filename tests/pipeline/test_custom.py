@@ -216,7 +216,7 @@ def test_an_image_name_that_is_not_ascii_is_a_bad_key_and_drops_its_sample(tmp_p
     rows = {**FOLDER_ROWS, "test": [("café.jpg", "a cup of coffee")]}
     root = build_folder(tmp_path / "mine", rows)
     [problem] = problems_of(validate_dataset("custom", root), "bad_key")
-    assert problem.file == "metadata/test_metadata.json" and "not ASCII" in problem.detail
+    assert problem.file == "metadata/test_metadata.json" and "not printable ASCII" in problem.detail
     index = shard_folder(root, tmp_path / "out", ShardOptions(max_bad=0.5))
     assert [(s["split"], s["key"], s["reason"].split(":")[0]) for s in index["skipped"]] == [("test", "café", "bad key")]
 
@@ -386,3 +386,18 @@ def test_mm_validate_custom_with_a_missing_manifest_is_one_error_line(tmp_path, 
     assert result.exit_code != 0
     assert result.err.strip() == f"error: --manifest {tmp_path / 'nope.jsonl'} does not exist"
     assert "Traceback" not in result.output
+
+
+def test_a_manifest_key_with_a_slash_is_a_bad_key_not_a_merged_sample(manifest):
+    line = append_line(manifest, {"key": "a/x", "image": "pictures/fish.jpg", "captions": ["a fish again"], "split": "test"})
+    problems = problems_of(validate_manifest(manifest), "bad_key")
+    assert [(p.line, p.key) for p in problems] == [(line, "a/x")] and "slash" in problems[0].detail
+
+
+def test_audio_without_a_wav_suffix_is_stored_as_a_wav_member(manifest, tmp_path):
+    speech = manifest.parent / "speech"
+    (speech / "clip").write_bytes((speech / "dog_0.wav").read_bytes())
+    append_line(manifest, {"image": "pictures/fish.jpg", "key": "fish2", "captions": ["one more fish"],
+                           "audio": ["speech/clip"], "split": "test"})
+    shard_manifest(manifest, tmp_path / "out")
+    assert all_members(tmp_path / "out")["fish2.0.wav"] == (speech / "clip").read_bytes()

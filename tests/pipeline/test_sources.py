@@ -105,3 +105,17 @@ def test_a_new_source_needs_nothing_but_its_module_and_manifest(tmp_path):
     assert "toy" in mm("info", tmp_path / "shards").stdout
     refused = mm("download", "toy", "--root", tmp_path / "data")
     assert refused.returncode == 1 and "nothing to download" in refused.stderr
+
+
+def test_a_source_that_cannot_be_imported_is_named_and_leaves_the_others_working(tmp_path):
+    copy = tmp_path / "repo"
+    shutil.copytree(REPOSITORY / "trimodal", copy / "trimodal", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPOSITORY / "manifests", copy / "manifests")
+    (copy / "trimodal" / "pipeline" / "sources" / "toy.py").write_text("import a_package_that_is_not_installed\n")
+    (copy / "manifests" / "toy.toml").write_text(TOY_MANIFEST)
+    script = ("from pathlib import Path\nfrom trimodal.pipeline.sources import get_source\n"
+              "assert get_source('flickr8k').name == 'flickr8k'\n"
+              "try:\n    get_source('toy')\nexcept Exception as error:\n    print(error)\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=copy, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "the toy source cannot be loaded" in result.stdout and "a_package_that_is_not_installed" in result.stdout

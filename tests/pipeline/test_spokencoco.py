@@ -157,3 +157,30 @@ def test_malformed_spokencoco_json_is_named(tree):
     report = validate_dataset("coco2014", tree.root)
     problem = next(p for p in report.problems if p.kind == "malformed_json")
     assert problem.file == "spokencoco/SpokenCOCO/SpokenCOCO_val.json" and problem.line == 1
+
+
+def test_coco2017_under_the_same_root_does_not_join_spokencoco(tree):
+    build_coco_tree(tree.root, name="coco2017", spoken=False)
+    scan = scan_source("coco2017", tree.root)
+    assert scan.audio_source is None and not any(p.kind == "unmatched_utterance" for p in scan.problems)
+
+
+def test_a_spokencoco_file_without_entries_is_an_error_not_silence(tree):
+    (tree.spoken_dir / "SpokenCOCO_train.json").write_text('{"data": []}')
+    report = validate_dataset("coco2014", tree.root)
+    problem = next(p for p in report.problems if p.kind == "malformed_json")
+    assert problem.file.endswith("SpokenCOCO_train.json") and "no 'data' list" in problem.detail
+
+
+def test_an_utterance_without_a_wav_path_drops_only_that_utterance(tree, tmp_path):
+    tree.rewrite_spoken("SpokenCOCO_val.json", lambda data: data["data"][0]["captions"][0].pop("wav"))
+    report = validate_dataset("coco2014", tree.root)
+    assert [p.kind for p in report.problems if p.severity == "error"] == ["bad_utterance"]
+    index = shard_dataset("coco2014", tree.root, tmp_path / "out", ShardOptions(max_bad=0.05))
+    assert index["totals"]["bad_utterances"] == 1
+
+
+def test_captions_without_a_recording_are_counted(tree):
+    tree.rewrite_spoken("SpokenCOCO_val.json", lambda data: data["data"][0]["captions"].pop())
+    report = validate_dataset("coco2014", tree.root)
+    assert report.ok and report.counts["split_captions_without_audio"] == 1

@@ -93,3 +93,14 @@ def test_folds_divide_the_images_as_equally_as_possible_first_ones_larger():
     assert fold_sizes(5000, 5) == [1000] * 5
     assert fold_sizes(7, 7) == [1] * 7
     assert fold_sizes(13, 5) == [3, 3, 3, 2, 2]
+
+
+def test_a_fold_without_utterances_leaves_out_only_its_audio_directions():
+    torch.manual_seed(1)
+    groups = {"image": np.arange(4), "text": np.arange(4), "audio": np.array([0, 1])}  # audio for images 0-1 only
+    latents = {modality: torch.randn(len(rows), 8) for modality, rows in groups.items()}
+    per_fold = score_folds(latents, groups, fold_sizes(4, 2))
+    assert len(per_fold[0]) == 6 and sorted(per_fold[1]) == ["image->text", "text->image"]
+    mean = mean_over_folds(per_fold)
+    assert mean["image->audio"] == per_fold[0]["image->audio"]
+    assert mean["image->text"]["R@1"] == pytest.approx((per_fold[0]["image->text"]["R@1"] + per_fold[1]["image->text"]["R@1"]) / 2)

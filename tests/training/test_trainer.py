@@ -120,8 +120,9 @@ def test_the_full_size_config_has_the_specified_shape():
     config = load_config(shipped_config("mmn-flickr8k"))
     assert (config.model["latent_dim"], config.model["memory_slots"], config.model["heads"], config.model["layers"]) == (256, 64, 4, 3)
     assert config.train.batch_size == 64 and config.train.amp is True
-    for name in ("mmn-tiny", "mmn-flickr8k"):
+    for name in ("mmn-tiny", "mmn-flickr8k", "mmn-coco2014"):
         assert shipped_config(name).read_text().startswith("# mm train configs/")
+        load_config(shipped_config(name))
 
 
 def test_too_few_samples_for_full_batches_is_a_config_error(mini_shards, mini_features, tmp_path):

@@ -24,7 +24,8 @@ err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isa
 Root = Annotated[Path, typer.Option("--root", help="Folder that holds the raw datasets, one sub-folder each.")]
 SourceRoot = Annotated[Path | None, typer.Option("--root", help="Folder that holds the raw datasets, one sub-folder "
                                                  "each (custom: the dataset folder itself).")]
-Splits = Annotated[str | None, typer.Option("--splits", help="coco2014: karpathy (default) or official.")]
+Splits = Annotated[str | None, typer.Option("--splits", help="coco2014, mini-coco: karpathy (default) or official; "
+                                             "coco2017: official.")]
 JsonlManifest = Annotated[Path | None, typer.Option("--manifest", help="custom: a JSONL file, one sample per line "
                                                     "({key?, image, captions, audio?, split}, paths relative to it).")]
 Workers = Annotated[int, typer.Option("--workers", min=1, help="Parallel workers.")]

@@ -12,9 +12,17 @@ KEY_BYTES = 64  # the feature store keeps each key as NUL-padded ASCII of this w
 
 
 def key_problem(key: str) -> str | None:
-    """Why a key cannot be stored (the feature store holds ASCII keys of at most KEY_BYTES), or None."""
-    if not key.isascii():
-        return "is not ASCII"
+    """Why a key cannot name tar members and feature-store rows, or None.
+
+    Webdataset groups members by basename up to the first dot, so a key has no dot, slash or
+    backslash; the feature store holds printable ASCII keys of at most KEY_BYTES.
+    """
+    if not key:
+        return "is empty"
+    if not key.isascii() or not key.isprintable():
+        return "is not printable ASCII"
+    if any(character in key for character in "./\\"):
+        return "contains a dot, slash or backslash"
     if len(key) > KEY_BYTES:
         return f"is longer than {KEY_BYTES} bytes"
     return None

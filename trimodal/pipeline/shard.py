@@ -353,7 +353,8 @@ def _sample_members(job: ShardJob, sample: Sample, skipped: list[dict], counts: 
                 skipped.append({"key": sample.key, "file": audio_path.name, "reason": why})
                 counts["bad_utterances"] += 1
             else:
-                wav_member = f"{position}{audio_path.suffix.lower()}"
+                # Named by what the check accepted, so that readers (which look for .wav and .flac) find it.
+                wav_member = f"{position}.flac" if audio_path.suffix.lower() == ".flac" else f"{position}.wav"
                 wavs.append((f"{sample.key}.{wav_member}", audio))
         caption_records.append({"id": caption.id, "text": caption.text if caption.raw is None else caption.raw,
                                 "speaker": caption.speaker if wav_member else None, "audio": wav_member})

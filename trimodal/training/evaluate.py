@@ -116,6 +116,8 @@ def score_folds(latents: dict[str, torch.Tensor], groups: dict[str, np.ndarray],
         fold_latents, fold_groups = {}, {}
         for modality, modality_latents in latents.items():
             rows = np.flatnonzero((groups[modality] >= start) & (groups[modality] < start + size))
+            if len(rows) == 0:  # e.g. no utterance in this fold: its directions are left out of this fold
+                continue
             fold_latents[modality] = modality_latents[torch.as_tensor(rows, device=modality_latents.device)]
             fold_groups[modality] = groups[modality][rows] - start
         per_fold.append(score_latents(fold_latents, fold_groups))
@@ -124,9 +126,11 @@ def score_folds(latents: dict[str, torch.Tensor], groups: dict[str, np.ndarray],
 
 
 def mean_over_folds(per_fold: list[dict]) -> dict:
-    """Every metric of every direction averaged over the folds (median rank included)."""
-    return {name: {metric: float(np.mean([fold[name][metric] for fold in per_fold])) for metric in metrics}
-            for name, metrics in per_fold[0].items()}
+    """Every metric of every direction averaged over the folds that have it (median rank included)."""
+    names = list(dict.fromkeys(name for fold in per_fold for name in fold))
+    return {name: {metric: float(np.mean([fold[name][metric] for fold in per_fold if name in fold]))
+                   for metric in next(fold[name] for fold in per_fold if name in fold)}
+            for name in names}
 
 
 def mean_recall(directions: dict) -> float:

@@ -56,6 +56,7 @@ class Source:
 
 
 _SOURCES: dict[str, Source] = {}
+_BROKEN: dict[str, str] = {}  # module name -> why it would not import
 _discovered = False
 
 
@@ -72,10 +73,15 @@ def register_source(name: str, *, options: tuple[str, ...] = (), synthesize: Syn
 
 
 def _discover() -> None:
+    """Import every module here once. One that fails (a missing optional dependency) is remembered and
+    named when its dataset is asked for; it does not take the other sources down with it."""
     global _discovered
     if not _discovered:
         for module in pkgutil.iter_modules(__path__):
-            importlib.import_module(f"{__name__}.{module.name}")
+            try:
+                importlib.import_module(f"{__name__}.{module.name}")
+            except ImportError as error:
+                _BROKEN[module.name] = f"{type(error).__name__}: {error}"
         _discovered = True
 
 
@@ -89,6 +95,8 @@ def get_source(name: str) -> Source:
     _discover()
     if name in _SOURCES:
         return _SOURCES[name]
+    if name.replace("-", "_") in _BROKEN:
+        raise DatasetLayoutError(f"the {name} source cannot be loaded ({_BROKEN[name.replace('-', '_')]})")
     if name in available():
         joins = load_manifest(name).joins
         if joins:

@@ -14,6 +14,7 @@ from collections import defaultdict
 from pathlib import Path, PurePosixPath
 
 from trimodal.pipeline.jsonstream import MalformedJson, json_items
+from trimodal.pipeline.manifest import load_manifest
 from trimodal.pipeline.samples import Problem, sample_key
 
 FILES = ("SpokenCOCO_train.json", "SpokenCOCO_val.json")
@@ -21,12 +22,14 @@ _CAPTION_ID = re.compile(r"_(\d+)$")
 _NOT_WORD = re.compile(r"[^a-z0-9]+")
 
 
-def find(root: Path, dataset_dir: Path) -> Path | None:
-    """The `SpokenCOCO/` folder that goes with a COCO dataset folder, if any."""
-    for candidate in (dataset_dir / "SpokenCOCO", root / "spokencoco" / "SpokenCOCO"):
-        if any((candidate / name).is_file() for name in FILES):
-            return candidate
-    return None
+def find(root: Path, dataset_dir: Path, dataset: str) -> Path | None:
+    """The `SpokenCOCO/` folder that goes with a COCO dataset folder: inside it (mini-coco), or the
+    `spokencoco` download beside it when its manifest says it joins `dataset` (coco2014, not coco2017,
+    whose file names differ)."""
+    candidates = [dataset_dir / "SpokenCOCO"]
+    if load_manifest("spokencoco").joins == dataset:
+        candidates.append(root / "spokencoco" / "SpokenCOCO")
+    return next((c for c in candidates if any((c / name).is_file() for name in FILES)), None)
 
 
 def normalise(text: str) -> str:
@@ -44,18 +47,23 @@ def join(spoken_dir: Path, images: dict, absent: set[str], shown, problems: list
     cocoid_of = {image.key: cocoid for cocoid, image in images.items()}
     audio: dict[int, dict[int, tuple[str, str | None]]] = defaultdict(dict)
     tally = dict.fromkeys(("utterances", "joined_by_id", "joined_by_transcript", "unmatched_utterances",
-                           "duplicate_utterances", "utterances_left_out"), 0)
+                           "bad_utterances", "duplicate_utterances", "utterances_left_out"), 0)
     for name in FILES:
         path = spoken_dir / name
         if not path.is_file():
             problems.append(Problem("missing_file", "error", shown(path), detail=f"{name} not found in {shown(spoken_dir)}"))
             continue
+        entries = 0
         try:
             for number, entry in enumerate(json_items(path, "data.item")):
                 _join_entry(number, entry, shown(path), spoken_dir, images, cocoid_of, absent, audio, tally,
                             shown, problems)
+                entries += 1
         except MalformedJson as error:
             problems.append(Problem("malformed_json", "error", shown(path), error.line, f"does not parse: {error}"))
+            continue
+        if not entries:
+            problems.append(Problem("malformed_json", "error", shown(path), detail="no 'data' list with entries"))
     counts.update(tally)
     return audio
 
@@ -80,8 +88,10 @@ def _join_entry(number, entry, file, spoken_dir, images, cocoid_of, absent, audi
         wav = utterance.get("wav") if isinstance(utterance, dict) else None
         uttid = utterance.get("uttid", "") if isinstance(utterance, dict) else ""
         if not isinstance(wav, str) or not wav or not isinstance(uttid, str):
-            problems.append(Problem("malformed_json", "error", file, detail=(
-                f"data[{number}] ({image_path}): an utterance without a 'wav' path: {str(utterance)[:80]}")))
+            tally["bad_utterances"] += 1
+            problems.append(Problem("bad_utterance", "error", file, detail=(
+                f"data[{number}] ({image_path}): an utterance without a 'wav' path: {str(utterance)[:80]}"),
+                drops="utterance", key=key))
             continue
         text, speaker = str(utterance.get("text", "")), utterance.get("speaker")
         where = lambda: shown(spoken_dir / wav)  # noqa: E731 - only problems need it: 600k relpaths cost seconds
