@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tests.builders import build_flickr_tree
-from trimodal.errors import ConfigError
+from trimodal.errors import ConfigError, TrimodalError
 from trimodal.features import featurize as featurize_module
 from trimodal.features.audio import MelExtractor
 from trimodal.features.featurize import FeaturizeOptions, featurize
@@ -125,6 +125,27 @@ def test_a_crash_inside_a_shard_leaves_it_to_be_redone(shards, tmp_path, monkeyp
     monkeypatch.setattr(featurize_module, "_featurize_shard", real)
     summary = featurize(shards, path, FeaturizeOptions(device="cpu", image=None))
     assert len(summary.shards_skipped) == 2 and FeatureStore.open(path).complete()
+
+
+def test_a_full_disk_is_one_clear_error_and_a_rerun_finishes(shards, tmp_path, monkeypatch):
+    import errno
+
+    path = tmp_path / "full.zarr"
+    real = FeatureStore.write_shard
+    calls = []
+
+    def disk_full_on_second(self, slot, features):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, slot, features)
+
+    monkeypatch.setattr(FeatureStore, "write_shard", disk_full_on_second)
+    with pytest.raises(TrimodalError, match=r"cannot write .*full.zarr: No space left on device; shards already written"):
+        featurize(shards, path, FeaturizeOptions(device="cpu", image=None))
+    monkeypatch.setattr(FeatureStore, "write_shard", real)
+    summary = featurize(shards, path, FeaturizeOptions(device="cpu", image=None))
+    assert len(summary.shards_skipped) == 1 and FeatureStore.open(path).complete()
 
 
 def test_splits_select_what_is_featurized(shards, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trimodal.errors import ConfigError, ShardError
+from trimodal.errors import ConfigError, ShardError, TrimodalError
 from trimodal.features.audio import MelExtractor, decode_wav, mel_config
 from trimodal.features.image import OpenClipImageEncoder, parse_encoder, resolve_device
 from trimodal.features.store import FeatureStore, ShardFeatures, StaleCacheError, config_differences, plan_layout
@@ -94,7 +95,11 @@ def featurize(shards: Path, store_path: Path, options: FeaturizeOptions = Featur
     config = {**extractors.config(), "splits": splits}
     fingerprint = index_fingerprint(index, splits)
 
-    store = _open_or_create(store_path, shards, index, splits, config, fingerprint, extractors, options.overwrite)
+    try:
+        store = _open_or_create(store_path, shards, index, splits, config, fingerprint, extractors, options.overwrite)
+    except OSError as error:  # a full disk or an unwritable path: nothing was complete, so nothing is kept
+        shutil.rmtree(store_path, ignore_errors=True)
+        raise TrimodalError(f"cannot create the feature store {store_path}: {error.strerror or error}") from error
     summary = FeaturizeSummary(store_path, str(device), random_init=bool(extractors.image and extractors.image.random_init),
                                config=config)
     slots = list(store.slots.values())
@@ -108,7 +113,13 @@ def featurize(shards: Path, store_path: Path, options: FeaturizeOptions = Featur
                 continue
             features = _featurize_shard(shards / slot.name, entries[slot.name], extractors, options.batch_size,
                                         pool, task.advance)
-            store.write_shard(slot, features)
+            try:
+                store.write_shard(slot, features)
+            except OSError as error:
+                # The slot is marked complete only after its arrays, so a rerun redoes just this shard.
+                raise TrimodalError(f"cannot write {slot.name}'s features into {store_path}: "
+                                    f"{error.strerror or error}; shards already written are kept, run the same "
+                                    "command again to continue") from error
             summary.shards_written.append(slot.name)
             if stop_after is not None and len(summary.shards_written) >= stop_after:
                 break
