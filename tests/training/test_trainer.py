@@ -129,3 +129,37 @@ def test_too_few_samples_for_full_batches_is_a_config_error(mini_shards, mini_fe
     with pytest.raises(ConfigError, match="too few for full batches"):
         train(shipped_config("mmn-tiny"), mini_shards, mini_features, tmp_path / "r",
               overrides=["train.batch_size=150", "train.num_workers=2"])
+
+
+def test_loader_workers_without_shared_memory_stop_the_run_before_it_starts(mini_shards, mini_features, tmp_path,
+                                                                            monkeypatch):
+    def no_room(self):
+        raise RuntimeError("unable to resize file </torch_1_2_3> to the right size: File too large (27)")
+
+    monkeypatch.setattr(torch.Tensor, "share_memory_", no_room)
+    overrides = [o for o in QUICK if not o.startswith("train.num_workers")] + ["train.num_workers=2"]
+    with pytest.raises(TrimodalError, match="cannot use shared memory.*train.num_workers=0"):
+        train(shipped_config("mmn-tiny"), mini_shards, mini_features, tmp_path / "run", overrides=overrides)
+    assert not (tmp_path / "run").exists()  # a rerun after the fix starts clean
+
+
+def test_an_epoch_that_loses_its_batches_is_an_error_not_a_run_on_nothing(mini_shards, mini_features, tmp_path,
+                                                                        monkeypatch):
+    from trimodal.training import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "_batches", lambda loader: iter(()))
+    with pytest.raises(TrimodalError, match="saw 0 of 200 training samples"):
+        train(shipped_config("mmn-tiny"), mini_shards, mini_features, tmp_path / "run", overrides=QUICK)
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_clear_error(mini_shards, mini_features, tmp_path, monkeypatch):
+    import errno
+
+    from trimodal.training import checkpoint
+
+    def disk_full(state, filename, metadata=None):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", disk_full)
+    with pytest.raises(TrimodalError, match=r"cannot write .*best.safetensors: No space left on device"):
+        train(shipped_config("mmn-tiny"), mini_shards, mini_features, tmp_path / "run", overrides=QUICK)

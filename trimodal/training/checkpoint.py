@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from trimodal.atomic import atomic_path
@@ -12,10 +13,13 @@ from trimodal.errors import TrimodalError
 
 
 def save_weights(model: torch.nn.Module, path: Path, metadata: dict | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
-    with atomic_path(path) as temporary:
-        save_file(state, str(temporary), metadata={k: str(v) for k, v in (metadata or {}).items()})
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as temporary:
+            save_file(state, str(temporary), metadata={k: str(v) for k, v in (metadata or {}).items()})
+    except (OSError, SafetensorError) as error:  # a full disk, an unwritable folder
+        raise _unwritable(path, error) from error
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
@@ -33,8 +37,17 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
 
 def save_state(path: Path, state: dict) -> None:
     """Optimizer, RNG and progress; loadable with `torch.load(weights_only=True)`."""
-    with atomic_path(path) as temporary:
-        torch.save(state, temporary)
+    try:
+        with atomic_path(path) as temporary:
+            torch.save(state, temporary)
+    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
+        raise _unwritable(path, error) from error
+
+
+def _unwritable(path: Path, error: Exception) -> TrimodalError:
+    reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+    return TrimodalError(f"cannot write {path}: {reason}; the previous checkpoint is kept (written atomically), "
+                         "free space and resume with --resume")
 
 
 def load_state(path: Path) -> dict:

@@ -59,6 +59,27 @@ def open_sources(shards: Path, features: Path, split: str) -> tuple[dict, Featur
     return index, store
 
 
+_SHARED_MEMORY_HINT = ("enlarge /dev/shm (e.g. `docker run --shm-size=2g`), free space there, or set "
+                       "train.num_workers=0 to load in the main process")
+
+
+def check_shared_memory(batch_bytes: int) -> None:
+    """Loader workers hand batches over in shared memory (/dev/shm). When a batch does not fit, torch logs
+    the failure in the worker and carries on without it, so an epoch would end with no data; probe one
+    batch's worth here first, so the run stops with an error that says what to change."""
+    try:
+        torch.empty(max(1, batch_bytes // 4), dtype=torch.float32).share_memory_()
+    except RuntimeError as error:
+        raise TrimodalError(f"the data loader's workers cannot use shared memory for a batch of "
+                            f"{batch_bytes / 1e6:.1f} MB ({error}); {_SHARED_MEMORY_HINT}") from error
+
+
+def loader_failure(error: Exception) -> TrimodalError:
+    """A dead loader worker (killed by SIGBUS when /dev/shm is full, or raising) as one clear error."""
+    return TrimodalError(f"a data loader worker failed: {str(error).splitlines()[0]}; if it ran out of shared "
+                         f"memory, {_SHARED_MEMORY_HINT}")
+
+
 def crop_frames(mel: np.ndarray, max_frames: int, rng: np.random.Generator | None) -> np.ndarray:
     """At most `max_frames` frames: a random window when `rng` is given, else the central one."""
     if len(mel) <= max_frames:

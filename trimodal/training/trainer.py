@@ -30,7 +30,7 @@ from trimodal.features.image import resolve_device
 from trimodal.progress import SILENT, Reporter
 from trimodal.training.checkpoint import load_state, load_weights, save_state, save_weights
 from trimodal.training.config import RunConfig, TrainConfig, dump_toml, load_config
-from trimodal.training.data import TrimodalDataset, load_split, open_sources
+from trimodal.training.data import TrimodalDataset, check_shared_memory, load_split, loader_failure, open_sources
 from trimodal.training.evaluate import evaluate_split, mean_recall
 from trimodal.training.losses import MAX_LOGIT_SCALE, multimodal_infonce
 from trimodal.training.models import build_model
@@ -76,6 +76,18 @@ def data_dims(store_config: dict, model_settings: dict) -> dict:
     return {**dims, **model_settings}
 
 
+def batch_bytes(train: TrainConfig, store_config: dict) -> int:
+    """An upper bound of one collated batch's size (float32 images and mels, int64 tokens, masks)."""
+    per_sample = 64
+    if store_config.get("image"):
+        per_sample += 4 * store_config["image"]["embed_dim"]
+    if store_config.get("text"):
+        per_sample += 8 * store_config["text"]["context_length"]
+    if store_config.get("audio"):
+        per_sample += (4 * store_config["audio"]["n_mels"] + 1) * max_audio_frames(train)
+    return per_sample * train.batch_size
+
+
 def build_from_config(config: RunConfig, store_config: dict):
     settings = data_dims(store_config, config.model)
     return build_model(config.model_name, **settings), settings
@@ -114,6 +126,8 @@ def train(config_path: Path, shards: Path, features: Path, out: Path, *, resume:
     settings = config.train
     shards, features, run = Path(shards).resolve(), Path(features).resolve(), Path(out)
     index, store = open_sources(shards, features, "train")
+    if settings.num_workers > 0:  # before the run folder exists: a rerun after the fix starts clean
+        check_shared_memory(batch_bytes(settings, store.config))
     prepare_run_dir(run, resume=resume, overwrite=overwrite)
     device = resolve_device(settings.device)
     _seed_everything(settings.seed)
@@ -197,7 +211,7 @@ def _train_epoch(model, loader, optimizer, settings: TrainConfig, device, epoch,
     started, seen, pending = time.monotonic(), 0, 0
     running: dict = {}
     with reporter.task(f"epoch {epoch + 1}/{settings.epochs}", total=samples, unit="samples") as task:
-        for batch in loader:
+        for batch in _batches(loader):
             if len(batch["keys"]) < 2:
                 continue
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -222,7 +236,28 @@ def _train_epoch(model, loader, optimizer, settings: TrainConfig, device, epoch,
                 task.update(description=f"epoch {epoch + 1}/{settings.epochs} loss {float(loss.detach()):.3f}")
         if pending:
             step = _optimizer_step(model, optimizer, settings, step, total_steps)
+    # Each worker drops at most one partial batch; fewer samples than that means batches were lost.
+    expected = samples - max(1, settings.num_workers) * settings.batch_size
+    if seen < expected:
+        raise TrimodalError(f"epoch {epoch + 1} saw {seen} of {samples} training samples: the data loader lost "
+                            "batches (its workers' errors are above); if they could not use shared memory, "
+                            "enlarge /dev/shm or set train.num_workers=0")
     return step
+
+
+def _batches(loader):
+    """The loader's batches; a worker that dies becomes one clear error instead of torch's traceback."""
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except RuntimeError as error:
+            if "DataLoader worker" in str(error):
+                raise loader_failure(error) from error
+            raise
+        yield batch
 
 
 def _note_due(seen: int, batch_size: int, every: int = 10) -> bool:
