@@ -157,3 +157,31 @@ def tar_with(members: list[tarfile.TarInfo | tuple[str, bytes]]) -> bytes:
 
 def md5(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
+
+
+def shard_members(out: Path) -> dict[str, bytes]:
+    """{member name: bytes} over every tar of a shard folder."""
+    members = {}
+    for path in sorted(Path(out).glob("*.tar")):
+        with tarfile.open(path) as tar:
+            members.update({member.name: tar.extractfile(member).read() for member in tar.getmembers()})
+    return members
+
+
+def manifest_expecting(name: str, files: dict[str, bytes], urls=None):
+    """The real manifest of `name` expecting the test archives' digests, of the kinds it publishes (none for
+    an archive whose checksum is unpublished); `urls(file)` gives other URLs."""
+    import dataclasses
+
+    from trimodal.pipeline.manifest import load_manifest
+
+    real = load_manifest(name)
+
+    def expecting(archive):
+        data = files[archive.file]
+        return dataclasses.replace(
+            archive, urls=tuple(urls(archive.file)) if urls else archive.urls,
+            md5=md5(data) if archive.md5 else None,
+            sha256=hashlib.sha256(data).hexdigest() if archive.sha256 else None)
+
+    return dataclasses.replace(real, archives=tuple(expecting(archive) for archive in real.archives))

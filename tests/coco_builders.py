@@ -6,11 +6,10 @@ import io
 import json
 import random
 import tarfile
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.builders import make_jpeg, make_wav
+from tests.builders import make_jpeg, make_wav, zip_with
 from trimodal.pipeline.sources.spokencoco import normalise
 
 SEVEN_CAPTIONS = 0  # the index (in build order) of the image that has seven captions
@@ -174,7 +173,7 @@ def build_coco_archives(tree: CocoTree) -> dict[str, bytes]:
     archives[f"annotations_trainval{tree.year}.zip"] = _zip_folder(tree.dataset_dir, ["annotations"], extra={
         f"annotations/instances_val{tree.year}.json": b'{"images": [], "annotations": [], "categories": []}'})
     if tree.year == "2014":
-        archives["caption_datasets.zip"] = _zip_members({
+        archives["caption_datasets.zip"] = zip_with({
             "dataset_coco.json": (tree.dataset_dir / "dataset_coco.json").read_bytes(),
             "dataset_flickr8k.json": b'{"images": [], "dataset": "flickr8k"}',
             "dataset_flickr30k.json": b'{"images": [], "dataset": "flickr30k"}'})
@@ -192,12 +191,4 @@ def _zip_folder(base: Path, folders: list[str], extra: dict[str, bytes] | None =
         for path in sorted((base / folder).rglob("*")):
             if path.is_file():
                 members[path.relative_to(base).as_posix()] = path.read_bytes()
-    return _zip_members({**members, **(extra or {})})
-
-
-def _zip_members(members: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as bundle:
-        for name, data in members.items():
-            bundle.writestr(name, data)
-    return buffer.getvalue()
+    return zip_with({**members, **(extra or {})})

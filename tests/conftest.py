@@ -96,30 +96,36 @@ def http_server():
     httpd.server_close()
 
 
+def _synthesized(name: str, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp(f"{name}-data")
+    download_dataset(name, root)
+    return root
+
+
+def _sharded(name: str, root: Path, tmp_path_factory) -> Path:
+    from trimodal.pipeline.shard import ShardOptions, shard_dataset
+
+    out = tmp_path_factory.mktemp(f"{name}-shards") / name
+    shard_dataset(name, root, out, ShardOptions(workers=2))
+    return out
+
+
 @pytest.fixture(scope="session")
 def mini_root(tmp_path_factory) -> Path:
     """The mini dataset, synthesised once per test session (treat as read-only)."""
-    root = tmp_path_factory.mktemp("mini-data")
-    download_dataset("mini", root)
-    return root
+    return _synthesized("mini", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def mini_coco_root(tmp_path_factory) -> Path:
     """mini-coco (the mini shapes in the coco2014 + SpokenCOCO layout), synthesised once (read-only)."""
-    root = tmp_path_factory.mktemp("mini-coco-data")
-    download_dataset("mini-coco", root)
-    return root
+    return _synthesized("mini-coco", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def mini_coco_shards(mini_coco_root, tmp_path_factory) -> Path:
     """mini-coco sharded with the defaults (read-only)."""
-    from trimodal.pipeline.shard import ShardOptions, shard_dataset
-
-    out = tmp_path_factory.mktemp("mini-coco-shards") / "mini-coco"
-    shard_dataset("mini-coco", mini_coco_root, out, ShardOptions(workers=2))
-    return out
+    return _sharded("mini-coco", mini_coco_root, tmp_path_factory)
 
 
 @pytest.fixture
@@ -156,11 +162,7 @@ def mm(capsys):
 @pytest.fixture(scope="session")
 def mini_shards(mini_root, tmp_path_factory) -> Path:
     """The mini dataset sharded with the defaults (read-only)."""
-    from trimodal.pipeline.shard import ShardOptions, shard_dataset
-
-    out = tmp_path_factory.mktemp("mini-shards") / "mini"
-    shard_dataset("mini", mini_root, out, ShardOptions(workers=2))
-    return out
+    return _sharded("mini", mini_root, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,9 @@
 import json
 import shutil
-import tarfile
 
 import pytest
 
+from tests.builders import shard_members
 from tests.coco_builders import build_coco_tree
 from trimodal.errors import ConfigError, DatasetLayoutError
 from trimodal.pipeline.shard import ShardOptions, shard_dataset
@@ -18,14 +18,6 @@ def tree(tmp_path):
 
 def kinds(report, severity="error"):
     return sorted({p.kind for p in report.problems if p.severity == severity})
-
-
-def members_of(out):
-    members = {}
-    for path in sorted(out.glob("*.tar")):
-        with tarfile.open(path) as tar:
-            members.update({m.name: tar.extractfile(m).read() for m in tar.getmembers()})
-    return members
 
 
 def test_karpathy_splits_put_restval_into_train(tree):
@@ -54,7 +46,7 @@ def test_keys_are_file_stems_and_captions_sorted_by_annotation_id(tree):
 
 def test_test_split_keeps_the_karpathy_order(tree, tmp_path):
     index = shard_dataset("coco2014", tree.root, tmp_path / "out")
-    keys = list(dict.fromkeys(name.split(".")[0] for name in members_of(tmp_path / "out") if name.split(".")[0] in
+    keys = list(dict.fromkeys(name.split(".")[0] for name in shard_members(tmp_path / "out") if name.split(".")[0] in
                               {image.key for image in tree.by_split("test")}))
     assert keys == [image.key for image in tree.by_split("test")]
     assert index["splits"]["test"]["shards"][0]["first_key"] == tree.by_split("test")[0].key
@@ -62,7 +54,7 @@ def test_test_split_keeps_the_karpathy_order(tree, tmp_path):
 
 def test_txt_collapses_whitespace_and_json_keeps_the_raw_caption_with_its_id(tree, tmp_path):
     shard_dataset("coco2014", tree.root, tmp_path / "out")
-    members = members_of(tmp_path / "out")
+    members = shard_members(tmp_path / "out")
     image = next(i for i in tree.images if "\n" in i.captions[1][1])
     lines = members[f"{image.key}.txt"].decode().splitlines()
     assert lines == [" ".join(raw.split()) for _, raw in image.captions]
@@ -75,7 +67,7 @@ def test_txt_collapses_whitespace_and_json_keeps_the_raw_caption_with_its_id(tre
 def test_an_image_with_seven_captions_keeps_all_of_them(tree, tmp_path):
     shard_dataset("coco2014", tree.root, tmp_path / "out")
     seven = next(i for i in tree.images if len(i.captions) == 7)
-    assert len(members_of(tmp_path / "out")[f"{seven.key}.txt"].decode().splitlines()) == 7
+    assert len(shard_members(tmp_path / "out")[f"{seven.key}.txt"].decode().splitlines()) == 7
 
 
 def test_a_clean_tree_validates_with_the_manifest_counts_as_warnings_only(tree):

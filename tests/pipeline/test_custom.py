@@ -1,11 +1,10 @@
 import json
-import tarfile
 import zlib
 from pathlib import Path
 
 import pytest
 
-from tests.builders import make_jpeg, make_wav
+from tests.builders import make_jpeg, make_wav, shard_members
 from trimodal.errors import DatasetLayoutError, ShardError
 from trimodal.pipeline.shard import INDEX, ShardOptions, shard_dataset
 from trimodal.pipeline.validate import validate_dataset
@@ -98,14 +97,6 @@ def validate_manifest(manifest: Path):
     return validate_dataset("custom", None, source_options={"manifest": manifest})
 
 
-def all_members(out: Path) -> dict[str, bytes]:
-    members = {}
-    for path in sorted(out.glob("*.tar")):
-        with tarfile.open(path) as tar:
-            members.update({member.name: tar.extractfile(member).read() for member in tar.getmembers()})
-    return members
-
-
 def problems_of(report, kind: str) -> list:
     return [problem for problem in report.problems if problem.kind == kind]
 
@@ -121,7 +112,7 @@ def test_a_clean_folder_validates_ok(folder):
 
 def test_rows_sharing_an_image_become_one_sample_with_all_captions_in_row_order(folder, tmp_path):
     shard_folder(folder, tmp_path / "out")
-    members = all_members(tmp_path / "out")
+    members = shard_members(tmp_path / "out")
     assert members["beach.txt"].decode().splitlines() == [
         "a dog runs on the beach", "waves behind a running dog", "a sandy beach"]
     meta = json.loads(members["beach.json"])
@@ -132,12 +123,12 @@ def test_the_metadata_files_give_the_train_val_and_test_splits(folder, tmp_path)
     index = shard_folder(folder, tmp_path / "out")
     assert {split: info["samples"] for split, info in index["splits"].items()} == {"train": 3, "val": 1, "test": 1}
     assert {split: info["captions"] for split, info in index["splits"].items()} == {"train": 5, "val": 2, "test": 2}
-    assert json.loads(all_members(tmp_path / "out")["park.json"])["split"] == "val"
+    assert json.loads(shard_members(tmp_path / "out")["park.json"])["split"] == "val"
 
 
 def test_a_sample_is_stored_as_key_txt_json_and_a_wav_per_caption_position(folder, tmp_path):
     shard_folder(folder, tmp_path / "out")
-    members = all_members(tmp_path / "out")
+    members = shard_members(tmp_path / "out")
     assert sorted(name for name in members if name.startswith("beach.")) == [
         "beach.0.wav", "beach.1.wav", "beach.2.wav", "beach.jpg", "beach.json", "beach.txt"]
     meta = json.loads(members["beach.json"])
@@ -147,14 +138,14 @@ def test_a_sample_is_stored_as_key_txt_json_and_a_wav_per_caption_position(folde
 
 def test_image_bytes_in_the_shards_are_those_of_the_source(folder, tmp_path):
     shard_folder(folder, tmp_path / "out")
-    members = all_members(tmp_path / "out")
+    members = shard_members(tmp_path / "out")
     for split, image in (("train", "kite.jpg"), ("val", "park.jpg"), ("test", "harbour.jpg")):
         assert members[image] == (folder / "images" / split / image).read_bytes()
 
 
 def test_a_split_without_audio_filenames_gives_text_only_samples(folder, tmp_path):
     index = shard_folder(folder, tmp_path / "out")
-    members = all_members(tmp_path / "out")
+    members = shard_members(tmp_path / "out")
     assert index["splits"]["test"]["utterances"] == 0 and index["splits"]["val"]["utterances"] == 2
     assert {"harbour.jpg", "harbour.txt", "harbour.json"} == {n for n in members if n.startswith("harbour.")}
     assert index["modalities"] == ["image", "text", "audio"] and index["skipped"] == []
@@ -164,7 +155,7 @@ def test_a_folder_without_any_audio_is_image_and_text(tmp_path):
     root = build_folder(tmp_path / "mine", spoken=())
     index = shard_folder(root, tmp_path / "out")
     assert index["modalities"] == ["image", "text"]
-    assert not any(name.endswith(".wav") for name in all_members(tmp_path / "out"))
+    assert not any(name.endswith(".wav") for name in shard_members(tmp_path / "out"))
 
 
 def test_a_dataset_folder_named_custom_under_root_is_found(tmp_path):
@@ -231,7 +222,7 @@ def test_a_clean_manifest_validates_ok(manifest):
 
 def test_manifest_keys_come_from_key_or_else_the_image_stem(manifest, tmp_path):
     shard_manifest(manifest, tmp_path / "out")
-    keys = {name.split(".")[0] for name in all_members(tmp_path / "out")}
+    keys = {name.split(".")[0] for name in shard_members(tmp_path / "out")}
     assert keys == {"dog_1", "cat", "bird", "fish"}  # dog.1.jpg: dots in a stem become underscores
 
 
@@ -240,7 +231,7 @@ def test_manifest_paths_are_relative_to_the_manifest_not_the_working_folder(mani
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     index = shard_manifest(manifest, tmp_path / "out")
-    members = all_members(tmp_path / "out")
+    members = shard_members(tmp_path / "out")
     assert index["skipped"] == []
     assert members["cat.jpg"] == (manifest.parent / "pictures" / "IMG_0002.jpg").read_bytes()
     assert members["cat.0.wav"] == (manifest.parent / "speech" / "cat_0.wav").read_bytes()
@@ -248,7 +239,7 @@ def test_manifest_paths_are_relative_to_the_manifest_not_the_working_folder(mani
 
 def test_a_null_in_the_audio_list_leaves_that_caption_unspoken(manifest, tmp_path):
     index = shard_manifest(manifest, tmp_path / "out")
-    members = all_members(tmp_path / "out")
+    members = shard_members(tmp_path / "out")
     assert "bird.0.wav" not in members and members["bird.1.wav"] == (manifest.parent / "speech" / "bird_1.wav").read_bytes()
     assert [c["audio"] for c in json.loads(members["bird.json"])["captions"]] == [None, "1.wav"]
     assert index["splits"]["val"]["captions"] == 2 and index["splits"]["val"]["utterances"] == 1
@@ -256,7 +247,7 @@ def test_a_null_in_the_audio_list_leaves_that_caption_unspoken(manifest, tmp_pat
 
 def test_a_line_without_an_audio_list_gives_a_text_only_sample(manifest, tmp_path):
     index = shard_manifest(manifest, tmp_path / "out")
-    assert {n for n in all_members(tmp_path / "out") if n.startswith("fish.")} == {"fish.jpg", "fish.txt", "fish.json"}
+    assert {n for n in shard_members(tmp_path / "out") if n.startswith("fish.")} == {"fish.jpg", "fish.txt", "fish.json"}
     assert index["splits"]["test"]["utterances"] == 0
 
 
@@ -266,7 +257,7 @@ def test_a_blank_caption_in_a_manifest_is_reported_and_left_out(manifest, tmp_pa
     [problem] = problems_of(validate_manifest(manifest), "no_caption")
     assert (problem.file, problem.line) == ("data.jsonl", line) and "caption 0" in problem.detail
     shard_manifest(manifest, tmp_path / "out")
-    members = all_members(tmp_path / "out")
+    members = shard_members(tmp_path / "out")
     assert members["fish2.txt"] == b"a second fish\n" and json.loads(members["fish2.json"])["captions"][0]["id"] == 1
 
 
@@ -297,7 +288,7 @@ def test_a_missing_image_is_skipped_by_shard_and_listed(manifest, tmp_path):
     index = shard_manifest(manifest, tmp_path / "out", ShardOptions(max_bad=0.5))
     assert index["skipped"] == [{"split": "val", "key": "gone", "file": "pictures/gone.jpg", "reason": "image missing"}]
     assert index["splits"]["val"]["samples"] == 1 and index["totals"]["bad_samples"] == 1
-    assert not any(name.startswith("gone.") for name in all_members(tmp_path / "out"))
+    assert not any(name.startswith("gone.") for name in shard_members(tmp_path / "out"))
 
 
 def test_a_line_without_captions_is_a_no_captions_error_at_its_line(manifest):
@@ -311,7 +302,7 @@ def test_a_line_without_captions_drops_its_sample_and_counts_towards_max_bad(man
     index = shard_manifest(manifest, tmp_path / "out", ShardOptions(max_bad=0.5))
     assert index["totals"]["planned_samples"] == 5 and index["totals"]["bad_samples"] == 1
     assert [(s["split"], s["key"]) for s in index["skipped"]] == [("train", "silent")]
-    assert not any(name.startswith("silent.") for name in all_members(tmp_path / "out"))
+    assert not any(name.startswith("silent.") for name in shard_members(tmp_path / "out"))
 
 
 def test_an_unknown_split_is_an_error_at_its_line(manifest):
@@ -400,4 +391,4 @@ def test_audio_without_a_wav_suffix_is_stored_as_a_wav_member(manifest, tmp_path
     append_line(manifest, {"image": "pictures/fish.jpg", "key": "fish2", "captions": ["one more fish"],
                            "audio": ["speech/clip"], "split": "test"})
     shard_manifest(manifest, tmp_path / "out")
-    assert all_members(tmp_path / "out")["fish2.0.wav"] == (speech / "clip").read_bytes()
+    assert shard_members(tmp_path / "out")["fish2.0.wav"] == (speech / "clip").read_bytes()

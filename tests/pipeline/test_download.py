@@ -1,14 +1,14 @@
-import dataclasses
 import tarfile
 
 import pytest
 
-from tests.builders import build_archives, build_flickr_tree, md5, tar_with, zip_with
+from tests.builders import build_archives, build_flickr_tree, manifest_expecting, md5, tar_with, zip_with
 from trimodal.errors import ArchiveError, ChecksumError, DiskSpaceError, DownloadError, UnsafeArchiveError
 from trimodal.pipeline import download as download_module
-from trimodal.pipeline.download import DOWNLOADS, MARKER, download_dataset, read_marker
+from trimodal.pipeline.download import DOWNLOADS, download_dataset
+from trimodal.pipeline.marker import MARKER, read_marker
 from trimodal.pipeline.fetch import FetchPolicy
-from trimodal.pipeline.manifest import Archive, Manifest, load_manifest
+from trimodal.pipeline.manifest import Archive, Manifest
 
 FAST = FetchPolicy(attempts_per_url=3, backoff_seconds=0.01, timeout_seconds=10)
 
@@ -20,13 +20,8 @@ def archives(tmp_path_factory):
 
 
 def manifest_for(name: str, files: dict[str, bytes], urls=None) -> Manifest:
-    """The real manifest with its URLs and digests swapped for the test archives'."""
-    real = load_manifest(name)
-    archives = tuple(
-        dataclasses.replace(a, urls=tuple(urls(a.file)) if urls else a.urls, md5=md5(files[a.file]), sha256=None)
-        for a in real.archives
-    )
-    return dataclasses.replace(real, archives=archives)
+    """The real manifest with its digests (and, given `urls`, URLs) swapped for the test archives'."""
+    return manifest_expecting(name, files, urls)
 
 
 @pytest.fixture

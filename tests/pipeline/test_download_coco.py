@@ -1,19 +1,19 @@
 """`mm download` on the COCO family: parts (`--only`), Karpathy's `keep`, SpokenCOCO's recorded checksum."""
 
-import dataclasses
 import hashlib
 import json
 
 import pytest
 
-from tests.builders import tar_with
+from tests.builders import manifest_expecting, tar_with
 from tests.coco_builders import build_coco_archives, build_coco_tree
 from trimodal.errors import ArchiveError, ChecksumError, ConfigError
 from trimodal.pipeline import download as download_module
-from trimodal.pipeline.download import DOWNLOADS, RECORDED, download_dataset, read_marker, read_state
+from trimodal.pipeline.download import DOWNLOADS, RECORDED, download_dataset
+from trimodal.pipeline.marker import read_marker, read_state
 from trimodal.pipeline.fetch import FetchPolicy
 from trimodal.pipeline.info import describe
-from trimodal.pipeline.manifest import Manifest, load_manifest
+from trimodal.pipeline.manifest import Manifest
 from trimodal.progress import Reporter
 
 FAST = FetchPolicy(attempts_per_url=3, backoff_seconds=0.01, timeout_seconds=10)
@@ -35,17 +35,7 @@ def manifest_for(name: str, files: dict[str, bytes], server_url: str) -> Manifes
 
     Its own URLs point at a path the test server does not serve, so a download that ignored --mirror
     would fail here instead of reaching the internet."""
-    real = load_manifest(name)
-    archives = tuple(
-        dataclasses.replace(
-            archive,
-            urls=(f"{server_url}/not-the-mirror/{archive.file}",),
-            md5=None,
-            sha256=None if archive.unpublished_checksum else sha256(files[archive.file]),
-        )
-        for archive in real.archives
-    )
-    return dataclasses.replace(real, archives=archives)
+    return manifest_expecting(name, files, lambda file: [f"{server_url}/not-the-mirror/{file}"])
 
 
 @pytest.fixture

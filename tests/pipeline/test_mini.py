@@ -5,7 +5,8 @@ import pytest
 import soundfile
 from PIL import Image
 
-from trimodal.pipeline.download import download_dataset, read_marker
+from trimodal.pipeline.download import download_dataset
+from trimodal.pipeline.marker import read_marker
 from trimodal.pipeline.sources.mini import synthesize_mini
 from trimodal.pipeline.synthetic import COLOURS, SPLIT_SIZES, plan_images
 from trimodal.pipeline.validate import validate_dataset

@@ -1,7 +1,7 @@
 import json
 import tarfile
 
-from trimodal.pipeline.download import read_marker
+from trimodal.pipeline.marker import read_marker
 from trimodal.pipeline.sources import scan_source
 from trimodal.pipeline.validate import validate_dataset
 

@@ -4,7 +4,7 @@ import tarfile
 import pytest
 import webdataset as wds
 
-from tests.builders import build_flickr_tree
+from tests.builders import build_flickr_tree, shard_members
 from trimodal.errors import ConfigError, DatasetLayoutError, ShardError
 from trimodal.pipeline import shard as shard_module
 from trimodal.pipeline.shard import INDEX, ShardOptions, plan_shards, read_index, shard_dataset
@@ -18,13 +18,6 @@ def tree(tmp_path):
 def tar_members(path):
     with tarfile.open(path) as tar:
         return {member.name: tar.extractfile(member).read() for member in tar.getmembers()}
-
-
-def all_members(out):
-    members = {}
-    for path in sorted(out.glob("*.tar")):
-        members.update(tar_members(path))
-    return members
 
 
 def test_counts_follow_the_splits(tree, tmp_path):
@@ -68,7 +61,7 @@ def test_keys_are_unique_dot_free_and_members_contiguous(tree, tmp_path):
 def test_bytes_and_captions_are_identical_to_the_source(tree, tmp_path):
     out = tmp_path / "out"
     shard_dataset("flickr8k", tree.root, out)
-    members = all_members(out)
+    members = shard_members(out)
     key = tree.splits["val"][2]
     assert members[f"{key}.jpg"] == tree.image(key).read_bytes()
     for n in range(5):
@@ -167,14 +160,14 @@ def test_within_max_bad_a_bad_image_drops_its_sample_and_is_listed(tree, tmp_pat
     index = shard_dataset("flickr8k", tree.root, tmp_path / "out", ShardOptions(max_bad=0.2))
     assert index["splits"]["train"]["samples"] == 43
     assert [(s["key"], s["reason"]) for s in index["skipped"]] == [(key, "image missing")]
-    assert not any(name.startswith(key) for name in all_members(tmp_path / "out"))
+    assert not any(name.startswith(key) for name in shard_members(tmp_path / "out"))
 
 
 def test_a_corrupt_wav_drops_only_that_utterance(tree, tmp_path):
     key = tree.splits["test"][0]
     tree.wav(key, 3).write_bytes(tree.wav(key, 3).read_bytes()[:-500])
     index = shard_dataset("flickr8k", tree.root, tmp_path / "out", ShardOptions(max_bad=0.01))
-    members = all_members(tmp_path / "out")
+    members = shard_members(tmp_path / "out")
     assert f"{key}.jpg" in members and f"{key}.3.wav" not in members and f"{key}.2.wav" in members
     assert index["splits"]["test"]["captions"] == 30 and index["splits"]["test"]["utterances"] == 29
     [skipped] = index["skipped"]
@@ -193,7 +186,7 @@ def test_without_facc_samples_carry_image_and_text(tmp_path):
     tree = build_flickr_tree(tmp_path / "data", facc=False)
     index = shard_dataset("flickr8k", tree.root, tmp_path / "out")
     assert index["modalities"] == ["image", "text"] and index["splits"]["train"]["utterances"] == 0
-    assert not any(name.endswith(".wav") for name in all_members(tmp_path / "out"))
+    assert not any(name.endswith(".wav") for name in shard_members(tmp_path / "out"))
 
 
 def test_reading_back_with_webdataset(tree, tmp_path):

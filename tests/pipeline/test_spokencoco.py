@@ -1,8 +1,8 @@
 import json
-import tarfile
 
 import pytest
 
+from tests.builders import shard_members
 from tests.coco_builders import build_coco_tree
 from trimodal.errors import ShardError
 from trimodal.pipeline.shard import ShardOptions, shard_dataset
@@ -14,14 +14,6 @@ from trimodal.pipeline.validate import validate_dataset
 @pytest.fixture
 def tree(tmp_path):
     return build_coco_tree(tmp_path / "data")
-
-
-def members_of(out):
-    members = {}
-    for path in sorted(out.glob("*.tar")):
-        with tarfile.open(path) as tar:
-            members.update({m.name: tar.extractfile(m).read() for m in tar.getmembers()})
-    return members
 
 
 def retarget(tree, image, position, uttid_caption_id=None, text=None):
@@ -83,14 +75,14 @@ def test_a_wrong_id_and_another_text_is_unmatched_listed_and_counted(tree, tmp_p
     index = shard_dataset("coco2014", tree.root, tmp_path / "out", ShardOptions(max_bad=0.05))
     assert index["totals"]["bad_utterances"] == 1
     assert [s["key"] for s in index["skipped"]] == [image.key]
-    meta = json.loads(members_of(tmp_path / "out")[f"{image.key}.json"])
+    meta = json.loads(shard_members(tmp_path / "out")[f"{image.key}.json"])
     assert meta["captions"][0]["id"] == annotation_id and meta["captions"][0]["audio"] is None
 
 
 def test_shards_carry_one_wav_per_caption_position_and_the_speakers(tree, tmp_path):
     index = shard_dataset("coco2014", tree.root, tmp_path / "out")
     assert index["modalities"] == ["image", "text", "audio"] and index["source"]["audio"] == "spokencoco"
-    members = members_of(tmp_path / "out")
+    members = shard_members(tmp_path / "out")
     image = next(i for i in tree.images if len(i.captions) == 7)
     meta = json.loads(members[f"{image.key}.json"])
     assert [c["audio"] for c in meta["captions"]] == [f"{n}.wav" for n in range(7)]

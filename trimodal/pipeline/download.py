@@ -14,7 +14,7 @@ from trimodal.errors import ArchiveError, ChecksumError, ConfigError, DiskSpaceE
 from trimodal.pipeline.extract import extract_archive
 from trimodal.pipeline.fetch import FetchPolicy, fetch, free_bytes, hash_file
 from trimodal.pipeline.manifest import Archive, Manifest, load_manifest
-from trimodal.pipeline.marker import MARKER, read_marker, read_state, write_marker  # noqa: F401 - MARKER, read_marker re-exported
+from trimodal.pipeline.marker import read_marker, read_state, write_marker
 from trimodal.progress import SILENT, Reporter
 
 DOWNLOADS = ".downloads"

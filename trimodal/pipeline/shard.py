@@ -173,6 +173,7 @@ def _plan_jobs(scan: Scan, options: ShardOptions) -> list[ShardJob]:
     """Training samples sorted by key, then shuffled by seed; val and test keep the dataset's own order
     (so that folds of a test split, such as COCO's 1k protocol, are the published ones)."""
     jobs = []
+    wav_format = asdict(scan.wav_format) if scan.wav_format else None
     for split in SPLITS:
         members = [s for s in scan.samples if s.split == split]
         if split == "train":
@@ -184,7 +185,6 @@ def _plan_jobs(scan: Scan, options: ShardOptions) -> list[ShardJob]:
         for number, (start, end) in enumerate(plan_shards(sizes, options.max_samples, options.max_mb * 1e6, min_shards)):
             chunk = tuple(members[start:end])
             name = f"{split}-{number:06d}.tar"
-            wav_format = scan.wav_format.__dict__ if scan.wav_format else None
             fingerprint = _fingerprint([FORMAT, scan.name, split, name, scan.audio_source, wav_format],
                                        chunk, files[start:end])
             jobs.append(ShardJob(scan.name, split, name, chunk, scan.audio_source, scan.wav_format, fingerprint))

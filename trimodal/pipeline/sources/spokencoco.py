@@ -84,6 +84,7 @@ def _join_entry(number, entry, file, spoken_dir, images, cocoid_of, absent, audi
     by_text = None
     captions = images[cocoid].captions if cocoid is not None else []
     caption_ids = {annotation_id for annotation_id, _ in captions}
+    # Paths are made relative only for problems: 600k relpaths would cost seconds.
     for utterance in utterances:
         wav = utterance.get("wav") if isinstance(utterance, dict) else None
         uttid = utterance.get("uttid", "") if isinstance(utterance, dict) else ""
@@ -94,10 +95,9 @@ def _join_entry(number, entry, file, spoken_dir, images, cocoid_of, absent, audi
                 drops="utterance", key=key))
             continue
         text, speaker = str(utterance.get("text", "")), utterance.get("speaker")
-        where = lambda: shown(spoken_dir / wav)  # noqa: E731 - only problems need it: 600k relpaths cost seconds
         if cocoid is None:
             tally["unmatched_utterances"] += 1
-            problems.append(Problem("unmatched_utterance", "error", where(), detail=(
+            problems.append(Problem("unmatched_utterance", "error", shown(spoken_dir / wav), detail=(
                 f"{uttid}: its image {image_path} is in no COCO annotation file"), drops="utterance", key=key))
             continue
         match = _CAPTION_ID.search(uttid)
@@ -111,19 +111,19 @@ def _join_entry(number, entry, file, spoken_dir, images, cocoid_of, absent, audi
             if len(candidates) != 1:
                 tally["unmatched_utterances"] += 1
                 why = "several captions have its text" if candidates else "nor its text"
-                problems.append(Problem("unmatched_utterance", "error", where(), detail=(
+                problems.append(Problem("unmatched_utterance", "error", shown(spoken_dir / wav), detail=(
                     f"{uttid}: {text!r} matches no caption of {key} (no caption id {caption_id}, {why})"),
                     drops="utterance", key=key))
                 continue
             caption_id = candidates[0]
             tally["joined_by_transcript"] += 1
-            problems.append(Problem("joined_by_transcript", "info", where(), key=key, detail=(
+            problems.append(Problem("joined_by_transcript", "info", shown(spoken_dir / wav), key=key, detail=(
                 f"{uttid}: joined to caption {caption_id} of {key} by its transcript")))
         else:
             tally["joined_by_id"] += 1
         if caption_id in audio[cocoid]:
             tally["duplicate_utterances"] += 1
-            problems.append(Problem("duplicate_utterance", "warning", where(), key=key, detail=(
+            problems.append(Problem("duplicate_utterance", "warning", shown(spoken_dir / wav), key=key, detail=(
                 f"{uttid}: caption {caption_id} of {key} already has {audio[cocoid][caption_id][0]}; this one is not used")))
             continue
         audio[cocoid][caption_id] = (f"{spoken_dir}/{wav}", speaker if isinstance(speaker, str) else None)
