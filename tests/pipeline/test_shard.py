@@ -224,12 +224,12 @@ def test_read_index_refuses_a_folder_without_one(tmp_path):
 def test_tar_stream_writes_exactly_what_tarfile_writes():
     import io
 
-    from trimodal.pipeline.shard import TAR_MTIME, _TarStream
+    from trimodal.pipeline.shard import TAR_MTIME, TarStream
 
     members = [("k.jpg", b"x" * 1000), ("k.txt", b"hello\n"), ("k.0.wav", b"y" * 512), ("k.json", b""),
                ("1000268201_693b08cb0e.json", b"{}" * 300), ("k" * 99 + ".txt", b"long name"), ("kéy.txt", b"x")]
     ours = io.BytesIO()
-    stream = _TarStream(ours)
+    stream = TarStream(ours)
     for name, data in members:
         stream.add(name, data)
     stream.close()

@@ -24,7 +24,7 @@ from trimodal.atomic import write_json
 from trimodal.errors import ConfigError, DatasetLayoutError, ShardError
 from trimodal.pipeline.checks import WavFormat, flac_problem, image_problem, wav_problem
 from trimodal.pipeline.samples import SPLITS, Problem, Sample
-from trimodal.pipeline.sources import Scan, scan_source
+from trimodal.pipeline.sources import Scan, check_options, get_source, scan_source
 from trimodal.progress import SILENT, Reporter, Task
 
 FORMAT = "trimodal-shards/1"
@@ -85,6 +85,13 @@ def shard_dataset(name: str, root: Path | None, out: Path, options: ShardOptions
     """
     options.check()
     out = Path(out)
+    source = get_source(name)
+    if source.shard is not None:  # a source that writes or adopts its own shards
+        given = {key: value for key, value in (source_options or {}).items() if value is not None}
+        check_options(source, given)
+        if root is None:
+            raise ConfigError(f"--root is required: the folder that holds {name}/")
+        return source.shard(Path(root), name, out, options, reporter=reporter, **given)
     scan = scan_source(name, root, **(source_options or {}))
     fatal = [p for p in scan.problems if p.severity == "error" and p.kind in FATAL_KINDS]
     if fatal:
@@ -98,7 +105,7 @@ def shard_dataset(name: str, root: Path | None, out: Path, options: ShardOptions
     out.mkdir(parents=True, exist_ok=True)
     (out / SIDECARS).mkdir(exist_ok=True)
     (out / INDEX).unlink(missing_ok=True)
-    _remove_stale(out, {job.name for job in jobs})
+    remove_stale(out, {job.name for job in jobs})
 
     records = {}
     pending = []
@@ -198,17 +205,23 @@ def _fingerprint(described: list, samples: tuple[Sample, ...], files: list) -> s
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _completed_record(out: Path, job: ShardJob) -> dict | None:
+def read_sidecar(out: Path, name: str) -> dict | None:
+    """The record of a finished shard, or None when it (or its tar, at the recorded size) is missing."""
     try:
-        record = json.loads((out / SIDECARS / (job.name + ".json")).read_text(encoding="utf-8"))
-        if record["fingerprint"] == job.fingerprint and (out / job.name).stat().st_size == record["entry"]["bytes"]:
+        record = json.loads((out / SIDECARS / (name + ".json")).read_text(encoding="utf-8"))
+        if (out / name).stat().st_size == record["entry"]["bytes"]:
             return record
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         pass
     return None
 
 
-def _remove_stale(out: Path, planned: set[str]) -> None:
+def _completed_record(out: Path, job: ShardJob) -> dict | None:
+    record = read_sidecar(out, job.name)
+    return record if record is not None and record.get("fingerprint") == job.fingerprint else None
+
+
+def remove_stale(out: Path, planned: set[str]) -> None:
     """Shards of an earlier plan (other sizes or seed) would be read as part of this set: remove them."""
     for path in out.iterdir():
         if (SHARD_NAME.fullmatch(path.name) or path.name.endswith(".tar.tmp")) and path.name not in planned:
@@ -241,7 +254,7 @@ def write_shard(job: ShardJob, out: Path, advance=lambda n: None) -> dict:
     keys = []
     try:
         with open(temporary, "wb") as raw:
-            tar = _TarStream(raw)
+            tar = TarStream(raw)
             for number, sample in enumerate(job.samples, start=1):
                 members = _sample_members(job, sample, skipped, counts)
                 if members is not None:
@@ -288,7 +301,7 @@ def _member_header(name: str, size: int) -> bytes:
     return bytes(header)
 
 
-class _TarStream:
+class TarStream:
     """A POSIX tar written straight to a file: one header, the payload and its padding per member.
 
     The output is what `tarfile` writes (PAX format, end-of-archive blocks, padded to a 10 KiB record)

@@ -14,6 +14,8 @@ import numpy as np
 
 from trimodal.errors import ShardError
 
+IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")  # what img2dataset can write; our own shards use jpg and png
+
 
 def iter_samples(path: Path, suffixes: set[str] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {suffix: bytes}) for each sample of a webdataset tar, members grouped by key.
@@ -58,13 +60,15 @@ class ShardContents:
 def read_shard(path: Path, *, images: bool = True, audio: bool = True) -> ShardContents:
     """Keys, image bytes, captions (with their ids) and spoken captions of one shard, in order."""
     contents = ShardContents()
-    wanted = {"json", "txt"} | ({"jpg", "png"} if images else set()) | ({"wav"} if audio else set())
+    wanted = {"json", "txt"} | (set(IMAGE_SUFFIXES) if images else set()) | ({"wav"} if audio else set())
     for key, members in iter_samples(path, wanted):
         contents.keys.append(key)
         if images:
-            contents.images.append(members.get("jpg") or members.get("png"))
+            contents.images.append(next((members[s] for s in IMAGE_SUFFIXES if s in members), None))
         texts = members.get("txt", b"").decode("utf-8").splitlines()
-        meta = json.loads(members["json"]) if "json" in members else {"captions": []}
+        # Our KEY.json lists the captions; img2dataset's (adopted shards) describes the download instead.
+        meta = json.loads(members["json"]) if "json" in members else {}
+        meta = meta if isinstance(meta.get("captions"), list) else {"captions": []}
         ids = [caption["id"] for caption in meta["captions"]] or list(range(len(texts)))
         contents.captions += texts
         contents.caption_ids += ids[: len(texts)]

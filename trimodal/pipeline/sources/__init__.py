@@ -3,6 +3,10 @@
 A source is `sources/<name>.py` plus `manifests/<name>.toml`: the module decorates its scan function
 with `@register_source("<name>")`; nothing else in trimodal names it. Modules are imported on the
 first lookup, so `mm download/validate/shard/info` see a new source without any other change.
+
+Most sources list files and `mm shard` writes them into tars. Two kinds do more, through hooks: a
+source too large to list in memory, or whose samples already are webdataset tars, shards itself
+(`shard=`), and a source whose downloaded files are only a list of URLs fetches the rest (`download=`).
 """
 
 from __future__ import annotations
@@ -45,6 +49,11 @@ class Scan:
 
 ScanFunction = Callable[..., Scan]  # scan(root, name, **options) -> Scan
 Synthesizer = Callable[..., dict]  # synthesize(target_dir, *, reporter) -> details for the marker
+# shard(root, name, out, options: ShardOptions, *, reporter, **source_options) -> the index it wrote
+Sharder = Callable[..., dict]
+# download(target_dir, *, reporter, **download_options) -> details for the download record; runs after
+# the manifest's files are fetched and verified
+Downloader = Callable[..., dict]
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,9 @@ class Source:
     scan: ScanFunction
     options: frozenset[str] = frozenset()  # source-specific options it accepts, e.g. {"splits"}
     synthesize: Synthesizer | None = None  # for datasets made locally instead of downloaded
+    shard: Sharder | None = None  # writes (or adopts) its own shards instead of listing samples
+    download: Downloader | None = None  # fetches what the manifest's files point to
+    download_options: frozenset[str] = frozenset()  # options only its download takes, e.g. {"processes"}
 
 
 _SOURCES: dict[str, Source] = {}
@@ -60,13 +72,16 @@ _BROKEN: dict[str, str] = {}  # module name -> why it would not import
 _discovered = False
 
 
-def register_source(name: str, *, options: tuple[str, ...] = (), synthesize: Synthesizer | None = None):
+def register_source(name: str, *, options: tuple[str, ...] = (), synthesize: Synthesizer | None = None,
+                    shard: Sharder | None = None, download: Downloader | None = None,
+                    download_options: tuple[str, ...] = ()):
     """Decorator for a scan function: `@register_source("coco2014", options=("splits",))`."""
 
     def register(scan: ScanFunction) -> ScanFunction:
         if name in _SOURCES and _SOURCES[name].scan is not scan:
             raise ValueError(f"two sources register the name {name!r}")
-        _SOURCES[name] = Source(name, scan, frozenset(options), synthesize)
+        _SOURCES[name] = Source(name, scan, frozenset(options), synthesize, shard, download,
+                                frozenset(download_options))
         return scan
 
     return register
@@ -105,6 +120,17 @@ def get_source(name: str) -> Source:
     raise DatasetLayoutError(f"no source reads {name!r}; datasets with one: {', '.join(source_names())}")
 
 
+def check_options(source: Source, given: dict, kind: str = "options") -> None:
+    """A ConfigError naming every option `source` does not take (`kind` "options" or "download_options"),
+    and the datasets that do take it."""
+    unknown = sorted(set(given) - getattr(source, kind))
+    if unknown:
+        users = {option: [s.name for s in _SOURCES.values() if option in getattr(s, kind)] for option in unknown}
+        flag = lambda option: "--" + option.replace("_", "-")  # noqa: E731
+        raise ConfigError("; ".join(f"{flag(option)} does not apply to {source.name} (it applies to "
+                                    f"{', '.join(users[option]) or 'no dataset'})" for option in unknown))
+
+
 def scan_source(name: str, root: Path | None, **options) -> Scan:
     """Read `name` under `root`; `options` are source-specific (`splits=`, `manifest=`), None = default.
 
@@ -113,11 +139,7 @@ def scan_source(name: str, root: Path | None, **options) -> Scan:
     """
     source = get_source(name)
     given = {key: value for key, value in options.items() if value is not None}
-    unknown = sorted(set(given) - source.options)
-    if unknown:
-        users = {option: [s.name for s in _SOURCES.values() if option in s.options] for option in unknown}
-        raise ConfigError("; ".join(f"--{option} does not apply to {name} (it applies to "
-                                    f"{', '.join(users[option]) or 'no dataset'})" for option in unknown))
+    check_options(source, given)
     if root is None and "manifest" not in source.options:
         raise ConfigError(f"--root is required: the folder that holds {name}/")
     return source.scan(Path(root) if root is not None else None, name, **given)
