@@ -28,3 +28,8 @@ def joined() -> str:
 def joining(name: str) -> str:
     """The datasets that join `name` (facc for flickr8k), as the user would type them."""
     return " or ".join(m.name for m in _manifests() if m.joins == name)
+
+
+def speaks(name: str) -> bool:
+    """Whether `name`'s manifest promises spoken captions of its own."""
+    return any(m.name == name and "audio" in m.modalities for m in _manifests())

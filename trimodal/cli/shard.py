@@ -25,8 +25,15 @@ def shard(
                                            "or utterances is bad.")] = 0.001,
     splits: Splits = None,
     manifest: JsonlManifest = None,
+    val_fraction: Annotated[float | None, typer.Option("--val-fraction", help="babylm-mm: share of rows drawn "
+                                                       "into val (default 0.01).")] = None,
+    test_fraction: Annotated[float | None, typer.Option("--test-fraction", help="babylm-mm: share of rows drawn "
+                                                        "into test (default 0.01).")] = None,
 ) -> None:
     """Write deterministic, resumable webdataset shards: one sample per image with all its captions.
+
+    cc3m and img2dataset (any img2dataset webdataset output folder) adopt the tars img2dataset wrote
+    (linked, not copied); babylm-mm writes text-only samples whose image vectors featurize imports.
 
     Example: mm shard flickr8k --root data --out shards/flickr8k --workers 2
     """
@@ -35,9 +42,10 @@ def shard(
     options = ShardOptions(max_samples=max_samples, max_mb=max_mb, seed=seed, max_bad=max_bad, workers=workers)
     with reporter() as progress:
         index = shard_dataset(name, root, out, options, reporter=progress,
-                              source_options={"splits": splits, "manifest": manifest})
-    if "audio" not in index["modalities"]:
-        spoken = datasets.joining(name)
+                              source_options={"splits": splits, "manifest": manifest,
+                                              "val_fraction": val_fraction, "test_fraction": test_fraction})
+    spoken = datasets.joining(name)
+    if "audio" not in index["modalities"] and (spoken or datasets.speaks(name)):
         warn(f"no spoken captions found for {name}" +
              (f" (download {spoken} into the same --root to add them)" if spoken else ""))
     table = Table(title=f"{name} → {out}")

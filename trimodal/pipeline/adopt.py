@@ -11,7 +11,6 @@ rewritten (without those samples, listed under `skipped`): no reader may see a h
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tarfile
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from trimodal.atomic import write_json
 from trimodal.errors import DatasetLayoutError, ShardError
 from trimodal.pipeline.samples import key_problem
 from trimodal.pipeline.stream import IMAGE_SUFFIXES
-from trimodal.pipeline.shard import FORMAT, INDEX, SIDECARS, ShardOptions, TarStream, remove_stale
+from trimodal.pipeline.shard import FORMAT, INDEX, SIDECARS, ShardOptions, TarStream, read_sidecar, remove_stale
 from trimodal.progress import SILENT, Reporter
 
 _MAGIC = {"jpg": (b"\xff\xd8",), "jpeg": (b"\xff\xd8",), "png": (b"\x89PNG",), "webp": (b"RIFF",)}
@@ -90,13 +89,8 @@ def adopt_splits(dataset: str, folders: dict[str, Path], out: Path, options: Sha
 
 
 def _completed(out: Path, source: _Source) -> dict | None:
-    try:
-        record = json.loads((out / SIDECARS / (source.name + ".json")).read_text(encoding="utf-8"))
-        if record["source"] == source.stat() and (out / source.name).stat().st_size == record["entry"]["bytes"]:
-            return record
-    except (OSError, ValueError, KeyError):
-        pass
-    return None
+    record = read_sidecar(out, source.name)
+    return record if record is not None and record.get("source") == source.stat() else None
 
 
 class _HashingReader:
