@@ -1,7 +1,14 @@
-"""`mm download`: fetch a dataset's archives, verify them, extract them safely, mark completion last."""
+"""`mm download`: fetch a dataset's files, verify them, extract archives safely, mark completion last.
+
+Plain files (not archives) are moved into the dataset folder as they are. A source with a download hook
+(`register_source(..., download=fn)`) then fetches what those files point to (cc3m: the images of its
+URL lists); the hook's details go into the download record, and the dataset is complete only when the
+hook says so, so a rerun after an interruption resumes it.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -10,7 +17,7 @@ from pathlib import Path
 
 from trimodal import __version__
 from trimodal.atomic import write_json
-from trimodal.errors import ArchiveError, ChecksumError, ConfigError, DiskSpaceError, ManifestError
+from trimodal.errors import ArchiveError, ChecksumError, ConfigError, DiskSpaceError, DownloadError, ManifestError
 from trimodal.pipeline.extract import extract_archive
 from trimodal.pipeline.fetch import FetchPolicy, fetch, free_bytes, hash_file
 from trimodal.pipeline.manifest import Archive, Manifest, load_manifest
@@ -31,6 +38,7 @@ class ArchiveOutcome:
     verified: bool
     files_extracted: int
     skipped_members: int
+    plain: bool = False  # a plain file, moved into the dataset folder as it is (nothing extracted)
 
 
 @dataclass
@@ -40,6 +48,8 @@ class DownloadResult:
     already_complete: bool
     archives: list[ArchiveOutcome] = field(default_factory=list)
     synthetic: bool = False
+    # What the source's download hook did (its details, as recorded), for a source that has one.
+    step: dict | None = None
 
 
 def download_dataset(
@@ -51,39 +61,54 @@ def download_dataset(
     force: bool = False,
     keep_archives: bool = False,
     only: list[str] | None = None,
+    download_options: dict | None = None,
     reporter: Reporter = SILENT,
     policy: FetchPolicy = FetchPolicy(),
 ) -> DownloadResult:
     """Make `root/name` hold the dataset (or the parts named in `only`); what is complete is left alone
-    without any request."""
+    without any request.
+
+    `download_options` (None values ignored) go to the source's download hook, e.g. cc3m's
+    `{"processes": 8, "max_samples": 1000}`; an option the source does not take is a ConfigError.
+    The hook runs on every call once all files are present: it decides what is left to do, and a
+    complete dataset makes it return without starting anything.
+    """
     manifest = load_manifest(name)
     root = Path(root)
     target = root / name
     if manifest.local:
         raise ConfigError(f"{name} is your own data: there is nothing to download "
                           f"(run `mm validate {name}` and `mm shard {name}` on its folder)")
+    given = {key: value for key, value in (download_options or {}).items() if value is not None}
+    hook = _download_hook(manifest, given)
     wanted = _wanted_archives(manifest, only)
+    complete = None
     if force and not only:
         shutil.rmtree(target, ignore_errors=True)
-    elif not force and read_marker(root, name):
-        return DownloadResult(name, target, already_complete=True, synthetic=manifest.synthetic)
+    elif not force:
+        complete = read_marker(root, name)
+        if complete and hook is None:
+            return DownloadResult(name, target, already_complete=True, synthetic=manifest.synthetic)
 
     if manifest.synthetic:
         return _synthesize(manifest, root, reporter)
 
     state = read_state(target)
-    if state.get("dataset") not in (None, name) or state.get("verified", verify) != verify:
+    if not complete and (state.get("dataset") not in (None, name) or state.get("verified", verify) != verify):
         state = {}
-    if not force and only and all(archive.file in state.get("archives", {}) for archive in wanted):
+    if not force and only and hook is None and all(archive.file in state.get("archives", {}) for archive in wanted):
         return DownloadResult(name, target, already_complete=True)
     target.mkdir(parents=True, exist_ok=True)
-    state.update({"dataset": name, "verified": verify, "trimodal": __version__})
+    state.update({"dataset": name, "trimodal": __version__})
+    state.setdefault("verified", verify)  # a complete download's files stay as verified as they were
     state.setdefault("archives", {})
+    has_step = hook is not None
     if force:  # with --only: those parts again, the others kept; the record stops claiming them first
         for archive in wanted:
             state["archives"].pop(archive.file, None)
-        write_marker(target, _with_progress(state, manifest))
+        write_marker(target, _with_progress(state, manifest, has_step))
     outcomes = []
+    fetched = False
     for archive in wanted:
         recorded = state["archives"].get(archive.file)
         if recorded:
@@ -91,20 +116,63 @@ def download_dataset(
             continue
         outcome = _download_archive(archive, root, target, mirror, verify, keep_archives, reporter, policy)
         state["archives"][archive.file] = outcome.__dict__
+        fetched = True
         # Parts are recorded as they finish, so a run that fails later still reports what it has.
-        write_marker(target, _with_progress(state, manifest))
+        write_marker(target, _with_progress(state, manifest, has_step))
         outcomes.append(outcome)
-    write_marker(target, _with_progress(state, manifest))
+    write_marker(target, _with_progress(state, manifest, has_step))
     downloads = root / DOWNLOADS
     if downloads.is_dir() and not any(downloads.iterdir()):
         downloads.rmdir()
-    return DownloadResult(name, target, already_complete=False, archives=outcomes)
+    if hook is None or not all(archive.file in state["archives"] for archive in manifest.archives):
+        return DownloadResult(name, target, already_complete=False, archives=outcomes)
+    step = _run_step(hook, state, manifest, target, given, reporter)
+    return DownloadResult(name, target, already_complete=not fetched and not step.get("ran", True),
+                          archives=outcomes, step=step)
 
 
-def _with_progress(state: dict, manifest: Manifest) -> dict:
-    """`state` with `complete` (every archive present) and `parts` (parts whose archives all are) brought up to date."""
+def _download_hook(manifest: Manifest, given: dict):
+    """The source's download hook (None when it has none), once `given` is known to hold only its options."""
+    from trimodal.pipeline import sources
+
+    module = f"{sources.__name__}.{manifest.name.replace('-', '_')}"
+    if not manifest.joins and (manifest.name in sources.source_names() or importlib.util.find_spec(module)):
+        source = sources.get_source(manifest.name)  # a module that does not import is named here
+    else:  # read through the dataset it joins (facc, spokencoco): no source, no hook
+        source = sources.Source(manifest.name, scan=lambda *args, **kwargs: None)
+    sources.check_options(source, given, "download_options")
+    return source.download
+
+
+def _run_step(hook, state: dict, manifest: Manifest, target: Path, given: dict, reporter: Reporter) -> dict:
+    """Run the download hook and record what it did; the record says complete only once the hook does.
+
+    Its details update the earlier ones, so a run that had nothing to do keeps the last run's figures.
+    """
+    before = json.loads(json.dumps(state))
+    step = state.setdefault("download_step", {})
+    step.pop("problem", None)
+    step.update({"complete": False, "options": given})
+    write_marker(target, _with_progress(state, manifest, True))
+    try:
+        details = hook(target, reporter=reporter, **given)
+    except ConfigError:  # refused before doing anything: the record stays what it was
+        write_marker(target, before)
+        raise
+    step.update(details)
+    write_marker(target, _with_progress(state, manifest, True))
+    if not step.get("complete"):
+        raise DownloadError(step.get("problem") or f"{manifest.name}: the download step did not finish; "
+                                                   "run the same command again to continue")
+    return step
+
+
+def _with_progress(state: dict, manifest: Manifest, has_step: bool = False) -> dict:
+    """`state` with `complete` (every archive present, and the download hook's step done when there is one)
+    and `parts` (parts whose archives all are) brought up to date."""
     present = state["archives"]
-    state["complete"] = all(archive.file in present for archive in manifest.archives)
+    state["complete"] = (all(archive.file in present for archive in manifest.archives)
+                         and (not has_step or state.get("download_step", {}).get("complete") is True))
     state["parts"] = [part for part in manifest.parts()
                       if all(a.file in present for a in manifest.archives if a.part == part)]
     return state
@@ -132,10 +200,10 @@ def _download_archive(
     reporter: Reporter,
     policy: FetchPolicy,
 ) -> ArchiveOutcome:
-    urls = [mirror.rstrip("/") + "/" + archive.file] if mirror else list(archive.urls)
     local = root / DOWNLOADS / archive.file
     url = None
     if not local.is_file():
+        urls = [mirror.rstrip("/") + "/" + archive.file] if mirror else _resolved(archive.urls)
         url = fetch(urls, local, reporter=reporter, policy=policy, check_size=_space_check(archive, root))
     size = local.stat().st_size
 
@@ -156,6 +224,8 @@ def _download_archive(
                                     "" if archive.digests else f" (the digest recorded in {root / RECORDED} on its first download)")
         vouched_for = bool(expected_digests)
 
+    if not archive.is_archive:
+        return _place_plain_file(archive, root, target, local, url, size, digests, verify, recorded, reporter)
     staging = target / f".extracting-{archive.file}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -170,9 +240,7 @@ def _download_archive(
     # Trust on first use only once the archive has proved to unpack: a broken first transfer must not
     # become the digest every later download is held to.
     if verify and archive.unpublished_checksum and not recorded:
-        _record_checksum(root, archive.file, digests["sha256"])
-        reporter.note(f"{archive.file} has no published checksum: its sha256 {digests['sha256']} is recorded in "
-                      f"{root / RECORDED} and every later download of it must match", "warning")
+        _trust_on_first_use(root, archive.file, digests["sha256"], reporter)
     if not keep_archives:
         local.unlink()
     return ArchiveOutcome(
@@ -184,6 +252,45 @@ def _download_archive(
         files_extracted=summary.files,
         skipped_members=summary.skipped,
     )
+
+
+def _resolved(urls: tuple[str, ...]) -> list[str]:
+    """`urls` with each `osf://PROJECT/FOLDER/FILE` replaced by its download link (OSF's API is asked only
+    when a download starts); one that cannot be resolved is left out, unless none is left."""
+    from trimodal.pipeline import osf
+
+    resolved, failures = [], []
+    for url in urls:
+        try:
+            resolved.append(osf.resolve(url, api=osf.API) if osf.is_osf(url) else url)
+        except DownloadError as error:
+            failures.append(str(error))
+    if not resolved:
+        raise DownloadError("; ".join(failures))
+    return resolved
+
+
+def _place_plain_file(archive: Archive, root: Path, target: Path, local: Path, url: str | None, size: int,
+                      digests: dict[str, str], verify: bool, recorded: str | None,
+                      reporter: Reporter) -> ArchiveOutcome:
+    """Move a verified plain file into `target` as it is (a rename within ROOT: no second copy, so
+    `--keep-archives` has nothing to keep)."""
+    destination = target / archive.file
+    if destination.is_dir() and not destination.is_symlink():
+        shutil.rmtree(destination)
+    shutil.move(local, destination)
+    # No unpacking proves a plain file whole; fetch() has checked its length against Content-Length,
+    # and a source hook that reads it (cc3m's TSV parser) names a file that is not what it should be.
+    if verify and archive.unpublished_checksum and not recorded:
+        _trust_on_first_use(root, archive.file, digests["sha256"], reporter)
+    return ArchiveOutcome(file=archive.file, url=url, bytes=size, digests=digests, verified=verify,
+                          files_extracted=0, skipped_members=0, plain=True)
+
+
+def _trust_on_first_use(root: Path, file: str, sha256: str, reporter: Reporter) -> None:
+    _record_checksum(root, file, sha256)
+    reporter.note(f"{file} has no published checksum: its sha256 {sha256} is recorded in "
+                  f"{root / RECORDED} and every later download of it must match", "warning")
 
 
 def _recorded_checksums(root: Path) -> dict[str, str]:
@@ -198,7 +305,10 @@ def _record_checksum(root: Path, file: str, sha256: str) -> None:
 
 
 def _space_check(archive: Archive, root: Path):
-    unpack_ratio = archive.approx_unpacked_bytes / archive.approx_bytes if archive.approx_bytes else 1.1
+    if not archive.is_archive:  # moved, not unpacked: it needs its own bytes only
+        unpack_ratio = 0.0
+    else:
+        unpack_ratio = archive.approx_unpacked_bytes / archive.approx_bytes if archive.approx_bytes else 1.1
 
     def check(bytes_to_come: int) -> None:
         part = root / DOWNLOADS / (archive.file + ".part")
@@ -206,10 +316,10 @@ def _space_check(archive: Archive, root: Path):
         needed = bytes_to_come + int(archive_bytes * unpack_ratio)
         available = free_bytes(root)
         if available < needed:
+            unpacked = f" + {_gb(archive_bytes * unpack_ratio)} unpacked" if unpack_ratio else ""
             raise DiskSpaceError(
                 f"not enough free space under {root} for {archive.file}: need about {_gb(needed)} "
-                f"({_gb(bytes_to_come)} still to download + {_gb(archive_bytes * unpack_ratio)} unpacked), "
-                f"{_gb(available)} free"
+                f"({_gb(bytes_to_come)} still to download{unpacked}), {_gb(available)} free"
             )
 
     return check

@@ -1,4 +1,9 @@
-"""Dataset manifests (`manifests/*.toml`): where each archive lives, what it hashes to, what it holds."""
+"""Dataset manifests (`manifests/*.toml`): where each file lives, what it hashes to, what it holds.
+
+Each `[[archives]]` entry is one downloaded file. An archive (.zip, .tar, .tar.gz, .tgz, .tar.bz2,
+.tar.xz) is extracted into the dataset folder; any other file (a TSV of URLs, a JSON list, an .npy
+array) is a plain file, moved there as it is.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trimodal.errors import ManifestError
+from trimodal.errors import ArchiveError, ManifestError
+from trimodal.pipeline.extract import archive_kind
 
 _HEX_LENGTHS = {"md5": 32, "sha256": 64}
 
@@ -25,6 +31,11 @@ class Archive:
     # No published digest: the sha256 of the first complete download is recorded and checked on every
     # later use of the file (trust on first use), and the download says so.
     unpublished_checksum: bool = False
+
+    @property
+    def is_archive(self) -> bool:
+        """False for a plain file, which is verified and moved into the dataset folder without unpacking."""
+        return is_archive_name(self.file)
 
     @property
     def digests(self) -> dict[str, str]:
@@ -50,6 +61,14 @@ class Manifest:
     def parts(self) -> list[str]:
         """The parts `--only` can name, in manifest order."""
         return list(dict.fromkeys(archive.part for archive in self.archives if archive.part))
+
+
+def is_archive_name(file: str) -> bool:
+    try:
+        archive_kind(file)
+    except ArchiveError:
+        return False
+    return True
 
 
 def manifest_dir() -> Path:
@@ -135,6 +154,8 @@ def _parse_archive(entry: dict) -> tuple[Archive | None, list[str]]:
     keep = entry.get("keep", [])
     if not isinstance(keep, list) or not all(isinstance(pattern, str) and pattern for pattern in keep):
         problems.append("'keep' must be a list of member path patterns")
+    elif keep and isinstance(file, str) and not is_archive_name(file):
+        problems.append(f"'keep' picks members of an archive, but {file} is a plain file (kept whole)")
     if problems:
         return None, problems
     return (

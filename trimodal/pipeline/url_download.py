@@ -1,0 +1,638 @@
+"""URL lists downloaded with img2dataset into webdataset shards: resumable runs, retries of the URLs that
+failed, and what img2dataset's per-shard parquet files say (successes, failures by reason).
+
+For shard K of an output folder img2dataset writes `K.tar` (the samples that succeeded), `K.parquet`
+(one row per URL tried: caption, url, key, status, error_message, …) and, last, `K_stats.json`: a shard
+is finished when its stats file exists. A sample's key is `K * 10**ceil(log10(samples_per_shard)) + its
+row in the shard`, so retried URLs go into new shards numbered after every existing one (img2dataset's
+"extend" mode) with the same samples per shard, and their keys cannot repeat a key of an earlier run.
+What trimodal adds to a split folder lives in its `_trimodal/` folder: img2dataset reads every top-level
+`*.json` of the folder as some shard's stats.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from trimodal.atomic import atomic_path, write_json
+from trimodal.errors import ConfigError, DatasetLayoutError, DownloadError
+from trimodal.pipeline.samples import Problem
+from trimodal.pipeline.sources import Scan
+from trimodal.progress import SILENT, Reporter
+
+if __name__ in ("__main__", "__mp_main__"):  # the img2dataset child process and its spawned workers
+    # Each of these processes imports img2dataset, which imports torch (through webdataset) and wandb:
+    # ~4 s of CPU and a few hundred MB per process, for neither is used. webdataset only imports torch
+    # when present (webdataset/pytorch.py falls back), and img2dataset touches wandb only with
+    # enable_wandb=True, which we never pass: an empty module stands in for it.
+    import types
+
+    sys.modules.setdefault("torch", None)
+    sys.modules.setdefault("wandb", types.ModuleType("wandb"))
+
+SHARD_DIGITS = 5  # img2dataset's oom_shard_count: shards 00000 … 99999
+SAMPLES_PER_SHARD = 10_000  # img2dataset's default: 9-digit keys
+RECORD_DIR = "_trimodal"
+RECORD = "split.json"  # settings the split was downloaded with, and which shards hold retries
+URL_LIST = "urls.parquet"
+RETRY_LIST = "retry-urls.parquet"
+NOT_IMPORTABLE = 3  # exit status of the child process when img2dataset does not import
+_STATS = re.compile(r"(\d+)_stats\.json")
+_POLL_SECONDS = 0.25
+_STOP_SECONDS = 20.0
+_LOG_TAIL_LINES = 15
+
+
+class UrlDownloadError(DownloadError):
+    """img2dataset cannot run here, or stopped with an error, or cannot write its output folder."""
+
+
+@dataclass(frozen=True)
+class Img2datasetOptions:
+    """How img2dataset runs: the cc3m recipe's resizing (border to 256 px, jpg), our parallelism."""
+
+    processes: int = 1
+    threads: int = 64
+    image_size: int = 256
+    timeout: float = 10.0  # seconds per URL
+    samples_per_shard: int = SAMPLES_PER_SHARD
+
+    def check(self) -> None:
+        counts = {"processes": self.processes, "threads": self.threads, "image_size": self.image_size,
+                  "samples_per_shard": self.samples_per_shard}
+        problems = [f"{name} must be at least 1 (got {value})" for name, value in counts.items() if value < 1]
+        if self.timeout <= 0:
+            problems.append(f"timeout must be positive (got {self.timeout})")
+        if problems:
+            raise ConfigError("img2dataset: " + "; ".join(problems))
+
+    def arguments(self, url_list: Path, output: Path, mode: str) -> dict:
+        """Keyword arguments of `img2dataset.download` for one URL list (a parquet: caption, url)."""
+        return dict(url_list=str(url_list), input_format="parquet", url_col="url", caption_col="caption",
+                    output_format="webdataset", output_folder=str(output), processes_count=self.processes,
+                    thread_count=self.threads, image_size=self.image_size, resize_mode="border",
+                    encode_format="jpg", number_sample_per_shard=self.samples_per_shard, timeout=self.timeout,
+                    oom_shard_count=SHARD_DIGITS, incremental_mode=mode, enable_wandb=False)
+
+
+@dataclass(frozen=True)
+class UrlList:
+    """One split's URLs: a parquet with columns caption and url, and the folder img2dataset writes them to."""
+
+    parquet: Path
+    rows: int
+    output: Path
+
+
+def url_list_path(output: Path) -> Path:
+    """Where a split's URL list is kept: in its output folder's `_trimodal/`."""
+    return Path(output) / RECORD_DIR / URL_LIST
+
+
+@dataclass(frozen=True)
+class Img2datasetJob:
+    split: str
+    url_list: Path
+    output: Path
+    rows: int  # URLs this run downloads: the progress total
+    mode: str = "incremental"  # or "extend": new shards numbered after the existing ones
+
+
+@dataclass
+class FailureReason:
+    status: str  # failed_to_download | failed_to_resize
+    message: str  # img2dataset's error_message, e.g. "HTTP Error 404: Not Found"
+    count: int
+    examples: list[str]  # a few of the URLs
+
+
+@dataclass
+class SplitReport:
+    """One split as img2dataset's parquet files tell it, each URL counted once however often it was tried."""
+
+    split: str
+    folder: Path
+    rows: int = 0  # URLs in the finished shards of the first run
+    downloaded: int = 0  # of those, the ones that gave an image, on the first try or a later one
+    recovered: int = 0  # of `downloaded`, the ones that failed first and succeeded on a retry
+    shards: int = 0  # finished shards of the first run
+    retry_shards: int = 0  # finished shards of retries
+    reasons: list[FailureReason] = field(default_factory=list)  # latest reason of each failed URL, most frequent first
+    unfinished: list[int] = field(default_factory=list)  # shards with a tar but no stats: interrupted or being written
+
+    @property
+    def failed(self) -> int:
+        return self.rows - self.downloaded
+
+    @property
+    def success_rate(self) -> float:
+        return self.downloaded / self.rows if self.rows else 0.0
+
+    def to_dict(self) -> dict:
+        return {"rows": self.rows, "downloaded": self.downloaded, "failed": self.failed, "recovered": self.recovered,
+                "success_rate": round(self.success_rate, 4), "shards": self.shards, "retry_shards": self.retry_shards,
+                "reasons": [asdict(reason) for reason in self.reasons], "unfinished": self.unfinished}
+
+
+# --- what a split folder holds ---------------------------------------------------------------------------
+
+
+def completed_shards(folder: Path, skip: set[int] = frozenset()) -> dict[int, dict]:
+    """{shard number: its stats} for every shard of `folder` that img2dataset finished (but those in `skip`)."""
+    shards = {}
+    for path in Path(folder).glob("*_stats.json"):
+        match = _STATS.fullmatch(path.name)
+        if match and int(match.group(1)) not in skip:
+            try:
+                shards[int(match.group(1))] = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue  # being written (img2dataset writes it in place): not finished yet
+    return shards
+
+
+def shard_name(number: int) -> str:
+    return f"{number:0{SHARD_DIGITS}d}"
+
+
+def read_split_record(folder: Path) -> dict:
+    try:
+        return json.loads((Path(folder) / RECORD_DIR / RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_split_record(folder: Path, record: dict) -> None:
+    (folder / RECORD_DIR).mkdir(parents=True, exist_ok=True)
+    write_json(folder / RECORD_DIR / RECORD, record)
+
+
+def _unfinished(folder: Path, done: dict[int, dict]) -> list[int]:
+    """Shards with a tar or parquet file but no (readable) stats file."""
+    numbers = {int(path.stem) for suffix in ("tar", "parquet") for path in folder.glob(f"*.{suffix}")
+               if path.stem.isdigit()}
+    return sorted(numbers - set(done))
+
+
+def _last_shard(folder: Path) -> int:
+    """The highest shard number with a stats file, as img2dataset's "extend" mode counts (by name); -1 if none."""
+    return max((int(match.group(1)) for path in folder.glob("*_stats.json") if (match := _STATS.fullmatch(path.name))),
+               default=-1)
+
+
+def _remove_shard(folder: Path, number: int) -> None:
+    for suffix in (".tar", ".parquet", "_stats.json"):
+        (folder / (shard_name(number) + suffix)).unlink(missing_ok=True)
+
+
+def check_output_folder(folder: Path) -> None:
+    """Make `folder` (an img2dataset output folder) or say in one line why it cannot be written."""
+    try:
+        (folder / RECORD_DIR).mkdir(parents=True, exist_ok=True)
+        probe = folder / RECORD_DIR / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise UrlDownloadError(f"cannot write img2dataset's output folder {folder}: "
+                               f"{error.strerror or error}") from error
+    foreign = sorted(path.name for path in folder.glob("*.json") if not _STATS.fullmatch(path.name))
+    if foreign:
+        raise UrlDownloadError(f"{folder} holds {', '.join(foreign)}: img2dataset reads every *.json there as a "
+                               "shard's stats (NNNNN_stats.json) and would stop; move those files elsewhere")
+
+
+def prepare_split(folder: Path, rows: int, options: Img2datasetOptions) -> int:
+    """How many of a `rows`-row URL list's rows are still to download into `folder`.
+
+    img2dataset skips every shard that has a stats file, so shards holding fewer rows than the list now
+    gives them (written with a smaller --max-samples) are removed, to be written again; so are the files of
+    shards that never finished (an interrupted run or retry), which no reader may take for whole shards.
+    """
+    record = read_split_record(folder)
+    for name, value in (("samples_per_shard", options.samples_per_shard), ("image_size", options.image_size)):
+        if record.get(name, value) != value:
+            raise ConfigError(f"{folder} was downloaded with {name} {record[name]}, not {value}: its shards cannot "
+                              f"be mixed (keep {record[name]}, or remove {folder} to start again)")
+    done = completed_shards(folder)
+    for number in _unfinished(folder, done):
+        _remove_shard(folder, number)
+    retry_shards = [number for number in record.get("retry_shards", []) if number in done]
+    per_shard = options.samples_per_shard
+    shards = math.ceil(rows / per_shard)
+    if retry_shards and shards > min(retry_shards):
+        raise ConfigError(f"{folder} holds retried URLs in shard {shard_name(min(retry_shards))}, which {rows:,} rows "
+                          f"would need for their own; download at most {min(retry_shards) * per_shard:,} rows "
+                          f"(--max-samples) into it, or remove {folder} to start again")
+    _write_split_record(folder, {**record, "samples_per_shard": per_shard, "image_size": options.image_size,
+                                 "retry_shards": retry_shards})
+    todo = 0
+    for number in range(shards):
+        expected = min(per_shard, rows - number * per_shard)
+        if done.get(number, {}).get("count", 0) < expected:
+            _remove_shard(folder, number)  # also a stats file that does not parse
+            todo += expected
+    return todo
+
+
+def missing_shards(folder: Path, rows: int, samples_per_shard: int) -> list[int]:
+    """Shards of a `rows`-row URL list that img2dataset has not finished in `folder`."""
+    done = completed_shards(folder)
+    return [number for number in range(math.ceil(rows / samples_per_shard)) if number not in done]
+
+
+# --- running img2dataset ---------------------------------------------------------------------------------
+
+
+def run_img2dataset(jobs: list[Img2datasetJob], options: Img2datasetOptions, *, log: Path,
+                    reporter: Reporter = SILENT) -> None:
+    """Run img2dataset on each job in turn, its progress read from the stats files it writes as shards finish.
+
+    It runs in a child process (calling `img2dataset.download`) whose output goes to `log`: img2dataset
+    prints from its worker processes, draws tqdm bars, and replaces the SIGINT handler with one that
+    exits with status 0, none of which may reach the caller. Ctrl-C (KeyboardInterrupt) stops the child
+    and its workers and is raised again; finished shards stay, and a rerun continues after them.
+    """
+    if not jobs:
+        return
+    options.check()
+    if importlib.util.find_spec("img2dataset") is None:
+        raise UrlDownloadError(f"img2dataset is not importable by {sys.executable}: install it "
+                               "(pip install 'img2dataset>=1.45') and run the same command again")
+    arguments = [{"split": job.split, **options.arguments(job.url_list, job.output, job.mode)} for job in jobs]
+    package_parent = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")])),
+           "NO_ALBUMENTATIONS_UPDATE": "1", "TQDM_DISABLE": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    before = {job.split: set(completed_shards(job.output)) for job in jobs}
+    with open(log, "a", encoding="utf-8") as log_file:
+        log_file.write(f"\n=== trimodal {time.strftime('%Y-%m-%d %H:%M:%S')}: img2dataset for "
+                       f"{', '.join(job.split for job in jobs)}\n")
+        log_file.flush()
+        child = subprocess.Popen([sys.executable, "-m", __name__, json.dumps(arguments)], stdin=subprocess.DEVNULL,
+                                 stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            _follow(child, jobs, before, reporter)
+        except BaseException:
+            _stop(child)
+            raise
+    if child.returncode == NOT_IMPORTABLE:
+        raise UrlDownloadError(f"img2dataset does not import in {sys.executable}: {_log_tail(log, 1)} "
+                               f"(install it: pip install 'img2dataset>=1.45')")
+    if child.returncode != 0:
+        raise UrlDownloadError(f"img2dataset stopped with exit status {child.returncode}; the end of its log "
+                               f"{log}:\n{_log_tail(log, _LOG_TAIL_LINES)}")
+
+
+def _follow(child: subprocess.Popen, jobs: list[Img2datasetJob], before: dict[str, set], reporter: Reporter) -> None:
+    tasks = {job.split: reporter.task(f"img2dataset {job.split}", total=job.rows, unit="URLs") for job in jobs}
+    seen = {split: set(numbers) for split, numbers in before.items()}
+    tally = {job.split: Counter() for job in jobs}
+    try:
+        while True:
+            finished = child.poll() is not None
+            for job in jobs:
+                for number, stats in completed_shards(job.output, skip=seen[job.split]).items():
+                    seen[job.split].add(number)
+                    tally[job.split].update(ok=stats.get("successes", 0), tried=stats.get("count", 0))
+                    counts = tally[job.split]
+                    tasks[job.split].update(description=f"img2dataset {job.split}: {counts['ok']:,} ok, "
+                                                        f"{counts['tried'] - counts['ok']:,} failed")
+                    tasks[job.split].advance(stats.get("count", 0))
+            if finished:
+                return
+            time.sleep(_POLL_SECONDS)
+    finally:
+        for task in tasks.values():
+            task.close()
+
+
+def _stop(child: subprocess.Popen) -> None:
+    """Stop the child as Ctrl-C would (img2dataset cleans its temporary files), then anything left of its group."""
+    try:
+        os.killpg(child.pid, signal.SIGINT)
+        child.wait(_STOP_SECONDS)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        pass
+    try:  # its worker processes share its process group (a session of its own)
+        os.killpg(child.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    child.wait()
+
+
+def _log_tail(log: Path, lines: int) -> str:
+    try:
+        text = log.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join(text[-lines:])
+
+
+def _child(arguments: list[dict]) -> int:
+    """The child process: img2dataset's Python API on each job in turn."""
+    _stop_with_parent()
+    try:
+        from img2dataset import download
+    except ImportError as error:
+        print(f"{type(error).__name__}: {error}", flush=True)
+        return NOT_IMPORTABLE
+    for job in arguments:
+        split = job.pop("split")
+        print(f"=== trimodal {time.strftime('%H:%M:%S')}: {split} -> {job['output_folder']} "
+              f"({job['incremental_mode']})", flush=True)
+        download(**job)
+    return 0
+
+
+def _stop_with_parent() -> None:
+    """Stop this process group (img2dataset and its workers) once the process that started it is gone:
+    killed, or its terminal closed. Otherwise it would go on writing shards beside a later run."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.killpg(0, signal.SIGINT)  # as Ctrl-C: img2dataset removes its temporary files and exits
+        time.sleep(_STOP_SECONDS)
+        os.killpg(0, signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+# --- reading img2dataset's parquet files -----------------------------------------------------------------
+
+
+def _read_rows(folder: Path, shards: list[int], columns: tuple[str, ...] = ("url", "status", "error_message")):
+    """The rows of the parquet files of `shards`, in shard order, with a `shard` column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = []
+    for number in shards:
+        path = folder / f"{shard_name(number)}.parquet"
+        try:
+            table = pq.read_table(path, columns=list(columns))
+        except (OSError, pa.ArrowException) as error:
+            raise DatasetLayoutError(f"{path}: cannot read img2dataset's record of shard {shard_name(number)} "
+                                     f"({error}); remove {shard_name(number)}_stats.json to have the shard "
+                                     "downloaded again") from error
+        tables.append(table.append_column("shard", pa.array([number] * table.num_rows, pa.int32())))
+    if not tables:
+        return pa.table({**{name: pa.array([], pa.string()) for name in columns}, "shard": pa.array([], pa.int32())})
+    return pa.concat_tables(tables)
+
+
+def _split_rows(folder: Path, columns: tuple[str, ...] = ("url", "status", "error_message")):
+    """(first-run rows, retry rows) of the finished shards of `folder`."""
+    done = sorted(completed_shards(folder))
+    retry = set(read_split_record(folder).get("retry_shards", []))
+    return (_read_rows(folder, [n for n in done if n not in retry], columns),
+            _read_rows(folder, [n for n in done if n in retry], columns))
+
+
+def _recovered_urls(first, retried):
+    """URLs that failed in a first-run row but succeeded elsewhere: on a retry, or in another row of the
+    same URL. Hashes only the failed URLs (a third of CC3M), not the ~2M that succeeded at once."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    succeeded = pc.equal(first["status"], "success")
+    failed_urls = pc.unique(first["url"].filter(pc.invert(succeeded)))
+    again = first["url"].filter(pc.and_(succeeded, pc.is_in(first["url"], value_set=failed_urls)))
+    on_retry = retried["url"].filter(pc.equal(retried["status"], "success"))
+    return pc.unique(pa.chunked_array(again.chunks + on_retry.chunks, pa.string()))
+
+
+def split_report(folder: Path, split: str, *, examples: int = 3, max_reasons: int = 12) -> SplitReport:
+    """Successes and failures of one img2dataset output folder, each first-run URL counted once.
+
+    A URL that failed and then succeeded on a retry counts as downloaded (the first run's parquet still
+    says failed: rows are reconciled by URL); one that never succeeded is counted under the reason of
+    its latest attempt. Reasons beyond the `max_reasons` most frequent are summed as "other reasons".
+    """
+    folder = Path(folder)
+    first, retried = _split_rows(folder)
+    return _report(folder, split, first, _unresolved(first, retried), examples, max_reasons)
+
+
+def _report(folder: Path, split: str, first, unresolved, examples: int = 3, max_reasons: int = 12) -> SplitReport:
+    import pyarrow.compute as pc
+
+    done = completed_shards(folder)
+    report = SplitReport(split, folder, rows=first.num_rows, unfinished=_unfinished(folder, done))
+    report.retry_shards = len(set(read_split_record(folder).get("retry_shards", [])) & set(done))
+    report.shards = len(done) - report.retry_shards
+    report.downloaded = first.num_rows - unresolved.num_rows
+    report.recovered = pc.sum(pc.not_equal(first["status"], "success")).as_py() - unresolved.num_rows
+    counts = unresolved.group_by(["latest_status", "latest_message"]).aggregate([("url", "count")]).to_pylist()
+    ranked = sorted(counts, key=lambda group: (-group["url_count"], group["latest_status"], group["latest_message"]))
+
+    def some_urls(group: dict, how_many: int) -> list[str]:
+        same = pc.and_(pc.equal(unresolved["latest_status"], group["latest_status"]),
+                       pc.equal(unresolved["latest_message"], group["latest_message"]))
+        return unresolved["url"].filter(same).slice(0, how_many).to_pylist()
+
+    report.reasons = [FailureReason(group["latest_status"], group["latest_message"], group["url_count"],
+                                    some_urls(group, examples)) for group in ranked[:max_reasons]]
+    if len(ranked) > max_reasons:
+        rest = ranked[max_reasons:]
+        report.reasons.append(FailureReason("failed", f"{len(rest)} other reasons",
+                                            sum(group["url_count"] for group in rest),
+                                            [some_urls(group, 1)[0] for group in rest[:examples]]))
+    return report
+
+
+def _unresolved(first, retried):
+    """The first-run rows whose URL never succeeded, in first-run order, with `latest_status` and
+    `latest_message` (of the URL's latest try: a retry's when it had one) and `retries` (its retries)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    first = first.append_column("row", pa.array(np.arange(first.num_rows, dtype=np.int64)))
+    recovered = pc.is_in(first["url"], value_set=_recovered_urls(first, retried))
+    failed = first.filter(pc.and_(pc.not_equal(first["status"], "success"), pc.invert(recovered)))
+    # Retry rows come in shard order and none of these URLs succeeded: "last" is the latest failure.
+    latest = (retried.filter(pc.not_equal(retried["status"], "success"))
+              .group_by("url", use_threads=False)
+              .aggregate([("status", "last"), ("error_message", "last"), ("url", "count")]))
+    joined = failed.join(latest, keys="url", join_type="left outer").sort_by("row")
+    message = pc.coalesce(joined["error_message_last"], joined["error_message"], pa.scalar("", pa.string()))
+    return (joined.append_column("latest_status", pc.coalesce(joined["status_last"], joined["status"],
+                                                              pa.scalar("unknown", pa.string())))
+            .append_column("latest_message", message)
+            .append_column("retries", pc.coalesce(joined["url_count"], pa.scalar(0, pa.int64()))))
+
+
+def url_attempts(folder: Path, urls: set[str] | None = None) -> dict[str, list[dict]]:
+    """Every try of each URL that ever failed (or of `urls`), in order: {url: [{shard, key, status, error_message}]}."""
+    import pyarrow.compute as pc
+
+    first, retried = _split_rows(Path(folder), ("url", "key", "status", "error_message"))
+    if urls is None:
+        failed_first = first["url"].filter(pc.not_equal(first["status"], "success"))
+        urls = set(failed_first.to_pylist())
+    attempts: dict[str, list[dict]] = {}
+    for table in (first, retried):
+        wanted = table.filter(pc.is_in(table["url"], value_set=_string_array(urls)))
+        for row in wanted.to_pylist():
+            attempts.setdefault(row.pop("url"), []).append(row)
+    return attempts
+
+
+def _string_array(values):
+    import pyarrow as pa
+
+    return pa.array(sorted(values), pa.string())
+
+
+# --- retrying failed URLs --------------------------------------------------------------------------------
+
+
+@dataclass
+class RetryPlan:
+    split: str
+    folder: Path
+    queued: int  # URLs to try again
+    exhausted: int  # failed URLs left alone: they have had their attempts
+    shards: list[int]  # the new shards they go into
+    before: SplitReport
+
+
+def plan_retry(folder: Path, split: str, max_attempts: int, options: Img2datasetOptions) -> RetryPlan:
+    """Queue (in `_trimodal/retry-urls.parquet`) each URL of `folder` that never succeeded and has been tried
+    fewer than `max_attempts` times (the first run counts as one), and reserve the shards it goes into."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    folder = Path(folder)
+    first, retried = _split_rows(folder, ("caption", "url", "status", "error_message"))
+    unresolved = _unresolved(first, retried)
+    before = _report(folder, split, first, unresolved)
+    spare = pc.less(pc.add(unresolved["retries"], 1), max_attempts)
+    exhausted = pc.count_distinct(unresolved["url"].filter(pc.invert(spare))).as_py()
+    queue = (unresolved.filter(spare).group_by("url", use_threads=False)
+             .aggregate([("row", "min"), ("caption", "first")]).sort_by("row_min"))
+    record = read_split_record(folder)
+    start = _last_shard(folder) + 1  # where img2dataset's "extend" mode numbers them from
+    shards = list(range(start, start + math.ceil(queue.num_rows / options.samples_per_shard)))
+    if queue.num_rows:
+        (folder / RECORD_DIR).mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / RECORD_DIR / RETRY_LIST) as temporary:
+            pq.write_table(pa.table({"caption": queue["caption_first"], "url": queue["url"]}), temporary)
+        record["retry_shards"] = sorted(set(record.get("retry_shards", [])) | set(shards))
+        _write_split_record(folder, record)  # before img2dataset starts: an interrupted retry is still known
+    return RetryPlan(split, folder, queue.num_rows, exhausted, shards, before)
+
+
+def finish_retry(plan: RetryPlan, max_attempts: int) -> dict:
+    """Record a retry run in the split's record and say what it changed."""
+    after = split_report(plan.folder, plan.split)
+    done = completed_shards(plan.folder)
+    summary = {"queued": plan.queued, "exhausted": plan.exhausted, "max_attempts": max_attempts,
+               "shards": plan.shards, "unfinished_shards": [n for n in plan.shards if n not in done],
+               "downloaded_before": plan.before.downloaded, "downloaded_after": after.downloaded,
+               "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    record = read_split_record(plan.folder)
+    record.setdefault("retries", []).append(summary)
+    _write_split_record(plan.folder, record)
+    (plan.folder / RECORD_DIR / RETRY_LIST).unlink(missing_ok=True)
+    return summary
+
+
+# --- the whole step --------------------------------------------------------------------------------------
+
+
+def download_url_lists(url_lists: dict[str, UrlList], options: Img2datasetOptions, *, log: Path,
+                       retry_failed: bool = False, max_attempts: int = 3, command: str = "the same command",
+                       reporter: Reporter = SILENT) -> dict:
+    """Download each split's URL list into its output folder, continuing what an earlier run finished;
+    then, with `retry_failed`, try the URLs that failed again (up to `max_attempts` tries per URL in all).
+
+    Returns the details for the download record (JSON-able): `complete` (every shard of every list
+    finished), `ran` (img2dataset was started), `problem`, and per split its report and retry summary.
+    """
+    options.check()
+    if max_attempts < 1:
+        raise ConfigError(f"--retries must be at least 1 (got {max_attempts})")
+    folders = {split: Path(url_list.output) for split, url_list in url_lists.items()}
+    jobs = []
+    for split, url_list in url_lists.items():
+        check_output_folder(folders[split])
+        todo = prepare_split(folders[split], url_list.rows, options)
+        if todo:
+            jobs.append(Img2datasetJob(split, Path(url_list.parquet), folders[split], todo))
+    run_img2dataset(jobs, options, log=log, reporter=reporter)
+    details = {"complete": True, "ran": bool(jobs), "problem": None, "image_size": options.image_size,
+               "samples_per_shard": options.samples_per_shard, "log": str(log), "splits": {}}
+    missing = {split: missing_shards(folders[split], url_list.rows, options.samples_per_shard)
+               for split, url_list in url_lists.items()}
+    missing = {split: numbers for split, numbers in missing.items() if numbers}
+    if missing:
+        listed = "; ".join(f"{split}: {len(numbers)} shard(s) ({', '.join(map(shard_name, numbers[:5]))}"
+                           f"{', …' if len(numbers) > 5 else ''})" for split, numbers in missing.items())
+        details.update(complete=False, problem=f"img2dataset finished without {listed}; see {log}, then run "
+                                               f"{command} again to continue")
+    retries = {}
+    if retry_failed and not missing:
+        plans = [plan_retry(folders[split], split, max_attempts, options) for split in url_lists]
+        retry_jobs = [Img2datasetJob(plan.split, plan.folder / RECORD_DIR / RETRY_LIST, plan.folder, plan.queued,
+                                     mode="extend") for plan in plans if plan.queued]
+        run_img2dataset(retry_jobs, options, log=log, reporter=reporter)
+        details["ran"] = details["ran"] or bool(retry_jobs)
+        retries = {plan.split: finish_retry(plan, max_attempts) for plan in plans}
+    for split in url_lists:
+        details["splits"][split] = split_report(folders[split], split).to_dict()
+        if split in retries:
+            details["splits"][split]["retry"] = retries[split]
+    return details
+
+
+def report_scan(name: str, root: Path, dataset_dir: Path, folders: dict[str, Path]):
+    """A Scan (no samples) of img2dataset output folders: per split, the success rate (info), each failure
+    reason with its count and example URLs (warnings), and a folder no shard finished in (error)."""
+    problems: list[Problem] = []
+    counts: dict[str, int] = {}
+    for split, folder in folders.items():
+        where = os.path.relpath(folder, root)
+        if not completed_shards(folder):
+            problems.append(Problem("not_downloaded", "error", where, split=split,
+                                    detail=f"no img2dataset shard has finished in {folder}"))
+            continue
+        report = split_report(folder, split)
+        counts.update({f"{split}_urls": report.rows, f"{split}_downloaded": report.downloaded,
+                       f"{split}_failed": report.failed, f"{split}_recovered_by_retry": report.recovered,
+                       f"{split}_shards": report.shards, f"{split}_retry_shards": report.retry_shards})
+        recovered = f", {report.recovered:,} of them on a retry" if report.recovered else ""
+        problems.append(Problem("success_rate", "info", where, split=split,
+                                detail=f"{report.downloaded:,} of {report.rows:,} URLs downloaded "
+                                       f"({report.success_rate:.1%}){recovered}"))
+        for reason in report.reasons:
+            problems.append(Problem(reason.status, "warning", where, split=split,
+                                    detail=f"{reason.count:,} URL{'' if reason.count == 1 else 's'}: "
+                                           f"{reason.message or '(no message)'} (e.g. {', '.join(reason.examples)})"))
+        if report.unfinished:
+            problems.append(Problem("unfinished_shards", "warning", where, split=split,
+                                    detail=f"shards {', '.join(map(shard_name, report.unfinished[:10]))} have no "
+                                           "stats file: interrupted or still being written (their rows are not "
+                                           "counted)"))
+    return Scan(name, Path(root), Path(dataset_dir), [], problems, counts)
+
+
+if __name__ == "__main__":
+    sys.exit(_child(json.loads(sys.argv[1])))
