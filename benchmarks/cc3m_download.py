@@ -29,7 +29,7 @@ from tests.web_builders import build_url_world, fix, serve_images  # noqa: E402
 from trimodal.pipeline.download import download_dataset  # noqa: E402
 from trimodal.pipeline.fetch import FetchPolicy  # noqa: E402
 from trimodal.pipeline.sources import cc3m  # noqa: E402
-from trimodal.pipeline.url_download import completed_shards  # noqa: E402
+from trimodal.pipeline.url_report import completed_shards  # noqa: E402
 
 TIMEOUT_SECONDS = 1.0
 SLOW_SECONDS = 2.0

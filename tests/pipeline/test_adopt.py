@@ -111,3 +111,14 @@ def test_a_folder_without_tars_says_what_it_expected(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetLayoutError, match="holds no webdataset tars"):
         shard_dataset("img2dataset", tmp_path / "empty", tmp_path / "out")
+
+
+def test_a_tar_img2dataset_had_not_finished_is_left_out_and_said(tmp_path):
+    folder = tmp_path / "i2d"
+    write_img2dataset_shard(folder / "00000.tar", 0, 3)
+    write_img2dataset_shard(folder / "00001.tar", 1, 2)  # cut off: no 00001_stats.json yet
+    (folder / "00000_stats.json").write_text('{"count": 3, "successes": 3}')
+    index = shard_dataset("img2dataset", folder, tmp_path / "out")
+    assert index["splits"]["train"]["samples"] == 3 and len(index["splits"]["train"]["shards"]) == 1
+    (problem,) = index["annotation_problems"]
+    assert "00001.tar: no 00001_stats.json" in problem and "not adopted" in problem

@@ -30,7 +30,6 @@ from trimodal.pipeline.manifest import Archive, Manifest, load_manifest, parse_m
 from trimodal.pipeline.marker import read_marker, read_state
 from trimodal.pipeline.sources import cc3m, scan_source
 from trimodal.pipeline.url_download import (
-    RECORD_DIR,
     Img2datasetJob,
     Img2datasetOptions,
     UrlDownloadError,
@@ -38,9 +37,8 @@ from trimodal.pipeline.url_download import (
     plan_retry,
     prepare_split,
     run_img2dataset,
-    split_report,
-    url_attempts,
 )
+from trimodal.pipeline.url_report import RECORD_DIR, split_report, url_attempts
 from trimodal.progress import Reporter, Task
 
 FAST = FetchPolicy(attempts_per_url=2, backoff_seconds=0.01, timeout_seconds=10)

@@ -55,7 +55,7 @@ def validate(
             table.add_column(column)
         for (severity, kind), problems in groups.items():
             examples = [f"{p.file}{':' + str(p.line) if p.line else ''} {p.detail}" for p in problems[:3]]
-            table.add_row(f"[{_STYLE[severity]}]{severity}[/]", kind, f"{len(problems):,}",
+            table.add_row(f"[{_STYLE[severity]}]{severity}[/]", kind, f"{sum(p.count for p in problems):,}",
                           escape("\n".join(examples)))
         console.print(table)
     tally = result.by_severity()

@@ -40,8 +40,20 @@ class _Source:
 
 
 def find_tars(folder: Path) -> list[Path]:
-    """img2dataset's tars in one output folder, in shard order (`00000.tar`, `00001.tar`, …)."""
-    return sorted(path for path in Path(folder).glob("*.tar") if path.is_file())
+    """img2dataset's finished tars in one output folder, in shard order (`00000.tar`, `00001.tar`, …).
+
+    img2dataset writes `K_stats.json` after `K.tar`: where the folder has stats files, a tar without one
+    is being written or was cut off by an interruption, and is left out (see `unfinished_tars`). A
+    folder with no stats file at all (tars copied without them) is taken as it is."""
+    tars = sorted(path for path in Path(folder).glob("*.tar") if path.is_file())
+    if any(Path(folder).glob("*_stats.json")):
+        return [path for path in tars if path.with_name(f"{path.stem}_stats.json").is_file()]
+    return tars
+
+
+def unfinished_tars(folder: Path) -> list[Path]:
+    finished = set(find_tars(folder))
+    return [path for path in sorted(Path(folder).glob("*.tar")) if path not in finished]
 
 
 def adopt_splits(dataset: str, folders: dict[str, Path], out: Path, options: ShardOptions = ShardOptions(), *,
@@ -257,5 +269,8 @@ def _index(dataset: str, folders: dict[str, Path], sources: list[_Source], recor
         "totals": {"planned_samples": samples + len(skipped), "bad_samples": len(skipped),
                    "planned_utterances": 0, "bad_utterances": 0},
         "skipped": skipped,
-        "annotation_problems": [],
+        # Tars img2dataset had not finished (no stats file) are not adopted: said here, not dropped silently.
+        "annotation_problems": [f"{path}: no {path.stem}_stats.json, so img2dataset had not finished it; not adopted "
+                                "(run the download again to finish it)"
+                                for folder in folders.values() for path in unfinished_tars(folder)],
     }

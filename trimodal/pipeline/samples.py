@@ -72,7 +72,8 @@ class Problem:
     drops: str | None = None
     key: str | None = None  # the sample it concerns, when there is one
     split: str | None = None  # that sample's split, when known
+    count: int = 1  # how many items it stands for (one failure reason of many URLs)
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "severity": self.severity, "file": self.file, "line": self.line,
-                "detail": self.detail}
+                "detail": self.detail, "count": self.count}

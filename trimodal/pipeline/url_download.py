@@ -1,5 +1,5 @@
 """URL lists downloaded with img2dataset into webdataset shards: resumable runs, retries of the URLs that
-failed, and what img2dataset's per-shard parquet files say (successes, failures by reason).
+failed (reading what those runs left is `url_report.py`).
 
 For shard K of an output folder img2dataset writes `K.tar` (the samples that succeeded), `K.parquet`
 (one row per URL tried: caption, url, key, status, error_message, …) and, last, `K_stats.json`: a shard
@@ -16,20 +16,20 @@ import importlib.util
 import json
 import math
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from trimodal.atomic import atomic_path, write_json
-from trimodal.errors import ConfigError, DatasetLayoutError, DownloadError
-from trimodal.pipeline.samples import Problem
-from trimodal.pipeline.sources import Scan
+from trimodal.atomic import atomic_path
+from trimodal.errors import ConfigError, DownloadError
 from trimodal.progress import SILENT, Reporter
+from trimodal.pipeline.url_report import (RECORD_DIR, SHARD_DIGITS, STATS, SplitReport, _report, _split_rows,
+                                          _unresolved, completed_shards, read_split_record, shard_name,
+                                          split_report, unfinished_shards, write_split_record)
 
 if __name__ in ("__main__", "__mp_main__"):  # the img2dataset child process and its spawned workers
     # Each of these processes imports img2dataset, which imports torch (through webdataset) and wandb:
@@ -41,14 +41,10 @@ if __name__ in ("__main__", "__mp_main__"):  # the img2dataset child process and
     sys.modules.setdefault("torch", None)
     sys.modules.setdefault("wandb", types.ModuleType("wandb"))
 
-SHARD_DIGITS = 5  # img2dataset's oom_shard_count: shards 00000 … 99999
 SAMPLES_PER_SHARD = 10_000  # img2dataset's default: 9-digit keys
-RECORD_DIR = "_trimodal"
-RECORD = "split.json"  # settings the split was downloaded with, and which shards hold retries
 URL_LIST = "urls.parquet"
 RETRY_LIST = "retry-urls.parquet"
 NOT_IMPORTABLE = 3  # exit status of the child process when img2dataset does not import
-_STATS = re.compile(r"(\d+)_stats\.json")
 _POLL_SECONDS = 0.25
 _STOP_SECONDS = 20.0
 _LOG_TAIL_LINES = 15
@@ -109,84 +105,9 @@ class Img2datasetJob:
     mode: str = "incremental"  # or "extend": new shards numbered after the existing ones
 
 
-@dataclass
-class FailureReason:
-    status: str  # failed_to_download | failed_to_resize
-    message: str  # img2dataset's error_message, e.g. "HTTP Error 404: Not Found"
-    count: int
-    examples: list[str]  # a few of the URLs
-
-
-@dataclass
-class SplitReport:
-    """One split as img2dataset's parquet files tell it, each URL counted once however often it was tried."""
-
-    split: str
-    folder: Path
-    rows: int = 0  # URLs in the finished shards of the first run
-    downloaded: int = 0  # of those, the ones that gave an image, on the first try or a later one
-    recovered: int = 0  # of `downloaded`, the ones that failed first and succeeded on a retry
-    shards: int = 0  # finished shards of the first run
-    retry_shards: int = 0  # finished shards of retries
-    reasons: list[FailureReason] = field(default_factory=list)  # latest reason of each failed URL, most frequent first
-    unfinished: list[int] = field(default_factory=list)  # shards with a tar but no stats: interrupted or being written
-
-    @property
-    def failed(self) -> int:
-        return self.rows - self.downloaded
-
-    @property
-    def success_rate(self) -> float:
-        return self.downloaded / self.rows if self.rows else 0.0
-
-    def to_dict(self) -> dict:
-        return {"rows": self.rows, "downloaded": self.downloaded, "failed": self.failed, "recovered": self.recovered,
-                "success_rate": round(self.success_rate, 4), "shards": self.shards, "retry_shards": self.retry_shards,
-                "reasons": [asdict(reason) for reason in self.reasons], "unfinished": self.unfinished}
-
-
-# --- what a split folder holds ---------------------------------------------------------------------------
-
-
-def completed_shards(folder: Path, skip: set[int] = frozenset()) -> dict[int, dict]:
-    """{shard number: its stats} for every shard of `folder` that img2dataset finished (but those in `skip`)."""
-    shards = {}
-    for path in Path(folder).glob("*_stats.json"):
-        match = _STATS.fullmatch(path.name)
-        if match and int(match.group(1)) not in skip:
-            try:
-                shards[int(match.group(1))] = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue  # being written (img2dataset writes it in place): not finished yet
-    return shards
-
-
-def shard_name(number: int) -> str:
-    return f"{number:0{SHARD_DIGITS}d}"
-
-
-def read_split_record(folder: Path) -> dict:
-    try:
-        return json.loads((Path(folder) / RECORD_DIR / RECORD).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-
-
-def _write_split_record(folder: Path, record: dict) -> None:
-    (folder / RECORD_DIR).mkdir(parents=True, exist_ok=True)
-    write_json(folder / RECORD_DIR / RECORD, record)
-
-
-def _unfinished(folder: Path, done: dict[int, dict]) -> list[int]:
-    """Shards with a tar or parquet file but no (readable) stats file."""
-    numbers = {int(path.stem) for suffix in ("tar", "parquet") for path in folder.glob(f"*.{suffix}")
-               if path.stem.isdigit()}
-    return sorted(numbers - set(done))
-
-
 def _last_shard(folder: Path) -> int:
     """The highest shard number with a stats file, as img2dataset's "extend" mode counts (by name); -1 if none."""
-    return max((int(match.group(1)) for path in folder.glob("*_stats.json") if (match := _STATS.fullmatch(path.name))),
+    return max((int(match.group(1)) for path in folder.glob("*_stats.json") if (match := STATS.fullmatch(path.name))),
                default=-1)
 
 
@@ -205,7 +126,7 @@ def check_output_folder(folder: Path) -> None:
     except OSError as error:
         raise UrlDownloadError(f"cannot write img2dataset's output folder {folder}: "
                                f"{error.strerror or error}") from error
-    foreign = sorted(path.name for path in folder.glob("*.json") if not _STATS.fullmatch(path.name))
+    foreign = sorted(path.name for path in folder.glob("*.json") if not STATS.fullmatch(path.name))
     if foreign:
         raise UrlDownloadError(f"{folder} holds {', '.join(foreign)}: img2dataset reads every *.json there as a "
                                "shard's stats (NNNNN_stats.json) and would stop; move those files elsewhere")
@@ -224,7 +145,7 @@ def prepare_split(folder: Path, rows: int, options: Img2datasetOptions) -> int:
             raise ConfigError(f"{folder} was downloaded with {name} {record[name]}, not {value}: its shards cannot "
                               f"be mixed (keep {record[name]}, or remove {folder} to start again)")
     done = completed_shards(folder)
-    for number in _unfinished(folder, done):
+    for number in unfinished_shards(folder, done):
         _remove_shard(folder, number)
     retry_shards = [number for number in record.get("retry_shards", []) if number in done]
     per_shard = options.samples_per_shard
@@ -233,7 +154,7 @@ def prepare_split(folder: Path, rows: int, options: Img2datasetOptions) -> int:
         raise ConfigError(f"{folder} holds retried URLs in shard {shard_name(min(retry_shards))}, which {rows:,} rows "
                           f"would need for their own; download at most {min(retry_shards) * per_shard:,} rows "
                           f"(--max-samples) into it, or remove {folder} to start again")
-    _write_split_record(folder, {**record, "samples_per_shard": per_shard, "image_size": options.image_size,
+    write_split_record(folder, {**record, "samples_per_shard": per_shard, "image_size": options.image_size,
                                  "retry_shards": retry_shards})
     todo = 0
     for number in range(shards):
@@ -373,133 +294,6 @@ def _stop_with_parent() -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-# --- reading img2dataset's parquet files -----------------------------------------------------------------
-
-
-def _read_rows(folder: Path, shards: list[int], columns: tuple[str, ...] = ("url", "status", "error_message")):
-    """The rows of the parquet files of `shards`, in shard order, with a `shard` column."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    tables = []
-    for number in shards:
-        path = folder / f"{shard_name(number)}.parquet"
-        try:
-            table = pq.read_table(path, columns=list(columns))
-        except (OSError, pa.ArrowException) as error:
-            raise DatasetLayoutError(f"{path}: cannot read img2dataset's record of shard {shard_name(number)} "
-                                     f"({error}); remove {shard_name(number)}_stats.json to have the shard "
-                                     "downloaded again") from error
-        tables.append(table.append_column("shard", pa.array([number] * table.num_rows, pa.int32())))
-    if not tables:
-        return pa.table({**{name: pa.array([], pa.string()) for name in columns}, "shard": pa.array([], pa.int32())})
-    return pa.concat_tables(tables)
-
-
-def _split_rows(folder: Path, columns: tuple[str, ...] = ("url", "status", "error_message")):
-    """(first-run rows, retry rows) of the finished shards of `folder`."""
-    done = sorted(completed_shards(folder))
-    retry = set(read_split_record(folder).get("retry_shards", []))
-    return (_read_rows(folder, [n for n in done if n not in retry], columns),
-            _read_rows(folder, [n for n in done if n in retry], columns))
-
-
-def _recovered_urls(first, retried):
-    """URLs that failed in a first-run row but succeeded elsewhere: on a retry, or in another row of the
-    same URL. Hashes only the failed URLs (a third of CC3M), not the ~2M that succeeded at once."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    succeeded = pc.equal(first["status"], "success")
-    failed_urls = pc.unique(first["url"].filter(pc.invert(succeeded)))
-    again = first["url"].filter(pc.and_(succeeded, pc.is_in(first["url"], value_set=failed_urls)))
-    on_retry = retried["url"].filter(pc.equal(retried["status"], "success"))
-    return pc.unique(pa.chunked_array(again.chunks + on_retry.chunks, pa.string()))
-
-
-def split_report(folder: Path, split: str, *, examples: int = 3, max_reasons: int = 12) -> SplitReport:
-    """Successes and failures of one img2dataset output folder, each first-run URL counted once.
-
-    A URL that failed and then succeeded on a retry counts as downloaded (the first run's parquet still
-    says failed: rows are reconciled by URL); one that never succeeded is counted under the reason of
-    its latest attempt. Reasons beyond the `max_reasons` most frequent are summed as "other reasons".
-    """
-    folder = Path(folder)
-    first, retried = _split_rows(folder)
-    return _report(folder, split, first, _unresolved(first, retried), examples, max_reasons)
-
-
-def _report(folder: Path, split: str, first, unresolved, examples: int = 3, max_reasons: int = 12) -> SplitReport:
-    import pyarrow.compute as pc
-
-    done = completed_shards(folder)
-    report = SplitReport(split, folder, rows=first.num_rows, unfinished=_unfinished(folder, done))
-    report.retry_shards = len(set(read_split_record(folder).get("retry_shards", [])) & set(done))
-    report.shards = len(done) - report.retry_shards
-    report.downloaded = first.num_rows - unresolved.num_rows
-    report.recovered = pc.sum(pc.not_equal(first["status"], "success")).as_py() - unresolved.num_rows
-    counts = unresolved.group_by(["latest_status", "latest_message"]).aggregate([("url", "count")]).to_pylist()
-    ranked = sorted(counts, key=lambda group: (-group["url_count"], group["latest_status"], group["latest_message"]))
-
-    def some_urls(group: dict, how_many: int) -> list[str]:
-        same = pc.and_(pc.equal(unresolved["latest_status"], group["latest_status"]),
-                       pc.equal(unresolved["latest_message"], group["latest_message"]))
-        return unresolved["url"].filter(same).slice(0, how_many).to_pylist()
-
-    report.reasons = [FailureReason(group["latest_status"], group["latest_message"], group["url_count"],
-                                    some_urls(group, examples)) for group in ranked[:max_reasons]]
-    if len(ranked) > max_reasons:
-        rest = ranked[max_reasons:]
-        report.reasons.append(FailureReason("failed", f"{len(rest)} other reasons",
-                                            sum(group["url_count"] for group in rest),
-                                            [some_urls(group, 1)[0] for group in rest[:examples]]))
-    return report
-
-
-def _unresolved(first, retried):
-    """The first-run rows whose URL never succeeded, in first-run order, with `latest_status` and
-    `latest_message` (of the URL's latest try: a retry's when it had one) and `retries` (its retries)."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    first = first.append_column("row", pa.array(np.arange(first.num_rows, dtype=np.int64)))
-    recovered = pc.is_in(first["url"], value_set=_recovered_urls(first, retried))
-    failed = first.filter(pc.and_(pc.not_equal(first["status"], "success"), pc.invert(recovered)))
-    # Retry rows come in shard order and none of these URLs succeeded: "last" is the latest failure.
-    latest = (retried.filter(pc.not_equal(retried["status"], "success"))
-              .group_by("url", use_threads=False)
-              .aggregate([("status", "last"), ("error_message", "last"), ("url", "count")]))
-    joined = failed.join(latest, keys="url", join_type="left outer").sort_by("row")
-    message = pc.coalesce(joined["error_message_last"], joined["error_message"], pa.scalar("", pa.string()))
-    return (joined.append_column("latest_status", pc.coalesce(joined["status_last"], joined["status"],
-                                                              pa.scalar("unknown", pa.string())))
-            .append_column("latest_message", message)
-            .append_column("retries", pc.coalesce(joined["url_count"], pa.scalar(0, pa.int64()))))
-
-
-def url_attempts(folder: Path, urls: set[str] | None = None) -> dict[str, list[dict]]:
-    """Every try of each URL that ever failed (or of `urls`), in order: {url: [{shard, key, status, error_message}]}."""
-    import pyarrow.compute as pc
-
-    first, retried = _split_rows(Path(folder), ("url", "key", "status", "error_message"))
-    if urls is None:
-        failed_first = first["url"].filter(pc.not_equal(first["status"], "success"))
-        urls = set(failed_first.to_pylist())
-    attempts: dict[str, list[dict]] = {}
-    for table in (first, retried):
-        wanted = table.filter(pc.is_in(table["url"], value_set=_string_array(urls)))
-        for row in wanted.to_pylist():
-            attempts.setdefault(row.pop("url"), []).append(row)
-    return attempts
-
-
-def _string_array(values):
-    import pyarrow as pa
-
-    return pa.array(sorted(values), pa.string())
-
-
 # --- retrying failed URLs --------------------------------------------------------------------------------
 
 
@@ -536,7 +330,7 @@ def plan_retry(folder: Path, split: str, max_attempts: int, options: Img2dataset
         with atomic_path(folder / RECORD_DIR / RETRY_LIST) as temporary:
             pq.write_table(pa.table({"caption": queue["caption_first"], "url": queue["url"]}), temporary)
         record["retry_shards"] = sorted(set(record.get("retry_shards", [])) | set(shards))
-        _write_split_record(folder, record)  # before img2dataset starts: an interrupted retry is still known
+        write_split_record(folder, record)  # before img2dataset starts: an interrupted retry is still known
     return RetryPlan(split, folder, queue.num_rows, exhausted, shards, before)
 
 
@@ -550,7 +344,7 @@ def finish_retry(plan: RetryPlan, max_attempts: int) -> dict:
                "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     record = read_split_record(plan.folder)
     record.setdefault("retries", []).append(summary)
-    _write_split_record(plan.folder, record)
+    write_split_record(plan.folder, record)
     (plan.folder / RECORD_DIR / RETRY_LIST).unlink(missing_ok=True)
     return summary
 
@@ -601,37 +395,6 @@ def download_url_lists(url_lists: dict[str, UrlList], options: Img2datasetOption
         if split in retries:
             details["splits"][split]["retry"] = retries[split]
     return details
-
-
-def report_scan(name: str, root: Path, dataset_dir: Path, folders: dict[str, Path]):
-    """A Scan (no samples) of img2dataset output folders: per split, the success rate (info), each failure
-    reason with its count and example URLs (warnings), and a folder no shard finished in (error)."""
-    problems: list[Problem] = []
-    counts: dict[str, int] = {}
-    for split, folder in folders.items():
-        where = os.path.relpath(folder, root)
-        if not completed_shards(folder):
-            problems.append(Problem("not_downloaded", "error", where, split=split,
-                                    detail=f"no img2dataset shard has finished in {folder}"))
-            continue
-        report = split_report(folder, split)
-        counts.update({f"{split}_urls": report.rows, f"{split}_downloaded": report.downloaded,
-                       f"{split}_failed": report.failed, f"{split}_recovered_by_retry": report.recovered,
-                       f"{split}_shards": report.shards, f"{split}_retry_shards": report.retry_shards})
-        recovered = f", {report.recovered:,} of them on a retry" if report.recovered else ""
-        problems.append(Problem("success_rate", "info", where, split=split,
-                                detail=f"{report.downloaded:,} of {report.rows:,} URLs downloaded "
-                                       f"({report.success_rate:.1%}){recovered}"))
-        for reason in report.reasons:
-            problems.append(Problem(reason.status, "warning", where, split=split,
-                                    detail=f"{reason.count:,} URL{'' if reason.count == 1 else 's'}: "
-                                           f"{reason.message or '(no message)'} (e.g. {', '.join(reason.examples)})"))
-        if report.unfinished:
-            problems.append(Problem("unfinished_shards", "warning", where, split=split,
-                                    detail=f"shards {', '.join(map(shard_name, report.unfinished[:10]))} have no "
-                                           "stats file: interrupted or still being written (their rows are not "
-                                           "counted)"))
-    return Scan(name, Path(root), Path(dataset_dir), [], problems, counts)
 
 
 if __name__ == "__main__":

@@ -23,10 +23,9 @@ from trimodal.pipeline.url_download import (
     UrlList,
     check_output_folder,
     download_url_lists,
-    read_split_record,
-    report_scan,
     url_list_path,
 )
+from trimodal.pipeline.url_report import read_split_record, report_scan
 from trimodal.progress import SILENT, Reporter
 
 TSV_FILES = {"train": "Train_GCC-training.tsv", "val": "Validation_GCC-1.1.0-Validation.tsv"}

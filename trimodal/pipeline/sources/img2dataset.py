@@ -38,7 +38,7 @@ def shard_img2dataset(root: Path, name: str, out: Path, options, *, reporter, **
 @register_source("img2dataset", shard=shard_img2dataset)
 def scan(root: Path, name: str = "img2dataset") -> Scan:
     """What img2dataset's parquet files say about each split: successes and failures by reason."""
-    from trimodal.pipeline.url_download import report_scan
+    from trimodal.pipeline.url_report import report_scan
 
     folders = split_folders(root)
     return report_scan(name, Path(root), Path(root), folders)
