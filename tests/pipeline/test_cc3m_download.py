@@ -567,3 +567,30 @@ def test_a_refused_option_leaves_a_complete_download_complete(story_copy):
     with pytest.raises(ConfigError, match="image_size 256, not 512"):
         download_dataset("cc3m", story_copy, download_options={"image_size": 512, "processes": 1})
     assert read_marker(story_copy, "cc3m")["complete"] is True
+
+
+def test_the_downloaded_tars_and_their_retries_are_adopted_as_shards_and_featurized(story, tmp_path, mm):
+    """The whole chain: what img2dataset wrote (first run and retries) becomes shards without a copy."""
+    import os
+
+    from trimodal.pipeline.stream import read_shard
+
+    result = mm("shard", "cc3m", "--root", story.root, "--out", tmp_path / "shards")
+    assert result.exit_code == 0, result.output
+    index = json.loads((tmp_path / "shards" / "index.json").read_text())
+    downloaded = {split: sum(1 for _ in (story.root / "cc3m" / split).glob("*.tar")) for split in ("train", "val")}
+    assert {split: len(info["shards"]) for split, info in index["splits"].items()} == downloaded
+    samples = 0
+    for split, info in index["splits"].items():
+        for shard in info["shards"]:
+            path = tmp_path / "shards" / shard["name"]
+            assert os.path.samefile(path, shard["adopted_from"])
+            contents = read_shard(path, audio=False)
+            assert len(contents.keys) == shard["samples"] == len(contents.captions)
+            samples += shard["samples"]
+    report = split_report(story.root / "cc3m" / "train", "train")
+    assert index["splits"]["train"]["samples"] == report.downloaded
+    result = mm("featurize", tmp_path / "shards", "--out", tmp_path / "f.zarr", "--image", "open_clip:ViT-S-32",
+                "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert f"{samples:,}" in result.out
