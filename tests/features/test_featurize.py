@@ -173,7 +173,8 @@ def test_a_local_weights_file_is_loaded(shards, tmp_path):
         device="cpu", image=f"{SMALL_ENCODER}:{tmp_path / 'w.safetensors'}", audio=None, text=None, splits=("val",)))
     assert not summary.random_init and summary.config["image"]["weights_sha256"]
     blob = next(iter_samples(shards / "val-000000.tar"))[1]["jpg"]
-    from trimodal.features.image import OpenClipImageEncoder, parse_encoder
+    from trimodal.features.image import parse_encoder
+    from trimodal.features.open_clip_image import OpenClipImageEncoder
 
     encoder = OpenClipImageEncoder(parse_encoder(f"{SMALL_ENCODER}:{tmp_path / 'w.safetensors'}"), torch.device("cpu"))
     stored = FeatureStore.open(tmp_path / "w.zarr").read_shard("val-000000.tar").image[0]

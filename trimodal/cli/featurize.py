@@ -15,8 +15,11 @@ def featurize(
     shards: Annotated[Path, typer.Argument(help="Shard folder written by `mm shard` (with index.json).")],
     out: Annotated[Path, typer.Option("--out", help="The zarr feature store to write.")],
     audio: Annotated[str, typer.Option("--audio", help="Audio features: mel80, or none.")] = "mel80",
-    image: Annotated[str, typer.Option("--image", help="open_clip:<model>[:<pretrained tag or local weights file>], "
-                                        "or none.")] = "open_clip:ViT-B-32",
+    image: Annotated[str, typer.Option("--image", help=(
+        "auto (open_clip:ViT-B-32 when the shards hold images, precomputed when they ship image vectors, else "
+        "none); open_clip:<model>[:<pretrained tag or local weights file>]; "
+        "timm:<model>[:<local weights file or timm tag>] (e.g. timm:vit_base_patch14_dinov2, stored as DINOv2's "
+        "normed CLS token); precomputed (the vectors the dataset ships, e.g. babylm-mm); or none."))] = "auto",
     image_tokens: Annotated[bool, typer.Option("--image-tokens", help="Also store the image tower's patch tokens.")] = False,
     text: Annotated[str, typer.Option("--text", help="open_clip:<model> tokenizer, or none.")] = "open_clip:ViT-B-32",
     splits: Annotated[str | None, typer.Option("--splits", help="Comma-separated splits (default: all).")] = None,
@@ -40,8 +43,8 @@ def featurize(
     with reporter() as progress:
         summary = run_featurize(shards, out, options, reporter=progress)
     if summary.random_init:
-        warn(f"the image encoder {options.image} runs with RANDOM weights (no pretrained weights named); "
-             "the store records random_init = true")
+        warn(f"the image encoder {summary.config['image']['encoder']} runs with RANDOM weights "
+             "(no pretrained weights named); the store records random_init = true")
     table = Table(title=f"features → {out} (device {summary.device})")
     table.add_column("what")
     table.add_column("value", justify="right")

@@ -2,7 +2,7 @@
 
 The mel front-end is torchaudio's `MelSpectrogram` with `center=False` (every frame lies inside the
 signal, as Kaldi's `snip_edges`), so a batch padded with zeros gives each utterance exactly the frames
-it gives alone.
+it gives alone. Resampling, padding and the transform all run on the extractor's device.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import numpy as np
 import soundfile
 import torch
 import torchaudio
+from torch.nn.utils.rnn import pad_sequence
 
 from trimodal.errors import TrimodalError
 
@@ -76,31 +77,37 @@ class MelExtractor:
         ).to(self.device)
 
     def resample(self, samples: np.ndarray, rate: int) -> torch.Tensor:
-        waveform = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))
+        """The waveform on the extractor's device, at the configured rate (resampled there)."""
+        waveform = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32)).to(self.device)
         if rate != self.config.sample_rate:
             waveform = torchaudio.functional.resample(waveform, rate, self.config.sample_rate)
         return waveform
 
     @torch.inference_mode()
-    def __call__(self, waveforms: list[torch.Tensor]) -> list[np.ndarray]:
-        """(frames, n_mels) float32 log-mels, one per waveform (already at the configured rate)."""
+    def __call__(self, waveforms: list[torch.Tensor], dtype: torch.dtype = torch.float32) -> list[np.ndarray]:
+        """(frames, n_mels) log-mels, one per waveform (already at the configured rate).
+
+        Padding happens on the device; `dtype` (e.g. float16 for the store) is applied there too, so
+        only that many bytes come back.
+        """
         if not waveforms:
             return []
         lengths = [max(len(w), self.config.n_fft) for w in waveforms]
-        batch = torch.zeros(len(waveforms), max(lengths))
-        for row, waveform in enumerate(waveforms):
-            batch[row, : len(waveform)] = waveform
-        power = self._transform(batch.to(self.device))  # (batch, n_mels, frames)
-        logmel = torch.log(power + self.config.log_offset).transpose(1, 2).float().cpu().numpy()
+        batch = pad_sequence([w.to(self.device) for w in waveforms], batch_first=True)
+        if batch.shape[1] < max(lengths):  # every utterance shorter than one window
+            batch = torch.nn.functional.pad(batch, (0, max(lengths) - batch.shape[1]))
+        power = self._transform(batch)  # (batch, n_mels, frames)
+        logmel = torch.log(power + self.config.log_offset).transpose(1, 2).to(dtype).cpu().numpy()
         return [logmel[row, : self.config.frames(length)] for row, length in enumerate(lengths)]
 
-    def batched(self, waveforms: list[torch.Tensor], batch_size: int = 32, on_batch=None) -> list[np.ndarray]:
+    def batched(self, waveforms: list[torch.Tensor], batch_size: int = 32, on_batch=None,
+                dtype: torch.dtype = torch.float32) -> list[np.ndarray]:
         """Log-mels of many waveforms, batching utterances of similar length together."""
         order = sorted(range(len(waveforms)), key=lambda i: len(waveforms[i]))
         features: list[np.ndarray | None] = [None] * len(waveforms)
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            for index, mel in zip(chunk, self([waveforms[i] for i in chunk])):
+            for index, mel in zip(chunk, self([waveforms[i] for i in chunk], dtype)):
                 features[index] = mel
             if on_batch:
                 on_batch(len(chunk))

@@ -1,4 +1,10 @@
-"""`mm featurize`: every feature computed once, per shard, into the zarr store; resumable per shard."""
+"""`mm featurize`: every feature computed once, per shard, into the zarr store; resumable per shard.
+
+Three stages overlap, joined by queues one shard deep: a reader thread reads shard N+1 (and on CUDA
+decodes and crops its jpgs on the device), this thread computes shard N, and a writer thread writes shard
+N-1 into the store. Shards are written in order, so the mel array grows and `frames_committed` advances
+shard by shard; a failure in any stage stops all three and is raised here, shards already written kept.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +19,14 @@ import torch
 
 from trimodal.errors import ConfigError, ShardError, TrimodalError
 from trimodal.features.audio import MelExtractor, decode_wav, mel_config
-from trimodal.features.image import OpenClipImageEncoder, parse_encoder, resolve_device
-from trimodal.features.store import FeatureStore, ShardFeatures, StaleCacheError, config_differences, plan_layout
+from trimodal.features.decode import device_pixels
+from trimodal.features.image import make_image_extractor, resolve_device
+from trimodal.features.overlap import Ahead, Behind
+from trimodal.features.store import FeatureStore, ShardFeatures, ShardSlot, StaleCacheError, config_differences, plan_layout
 from trimodal.features.text import OpenClipTokenizer
 from trimodal.pipeline.samples import SPLITS
 from trimodal.pipeline.shard import read_index
-from trimodal.pipeline.stream import index_fingerprint, offsets, read_shard
+from trimodal.pipeline.stream import ShardContents, index_fingerprint, offsets, read_shard
 from trimodal.progress import SILENT, Reporter
 
 
@@ -28,7 +36,7 @@ _AUDIO_WINDOW = 512  # utterances decoded at once
 @dataclass(frozen=True)
 class FeaturizeOptions:
     audio: str | None = "mel80"
-    image: str | None = "open_clip:ViT-B-32"
+    image: str | None = "auto"  # see make_image_extractor
     image_tokens: bool = False
     text: str | None = "open_clip:ViT-B-32"
     splits: tuple[str, ...] | None = None
@@ -53,10 +61,17 @@ class FeaturizeSummary:
 
 
 class _Extractors:
-    def __init__(self, options: FeaturizeOptions, index: dict, device: torch.device):
+    def __init__(self, options: FeaturizeOptions, index: dict, shards: Path, device: torch.device):
         self.mel = MelExtractor(mel_config(options.audio), device) if options.audio and "audio" in index.get("modalities", []) else None
-        self.image = OpenClipImageEncoder(parse_encoder(options.image), device, tokens=options.image_tokens) if options.image else None
+        self.image = make_image_extractor(options.image, device, tokens=options.image_tokens, index=index,
+                                          shards=shards)
         self.text = OpenClipTokenizer(options.text) if options.text else None
+        # On CUDA the reader thread decodes and crops jpgs on the device; elsewhere PIL on the pool.
+        self.device_pixels = device_pixels(self.image, device)
+
+    @property
+    def pixels(self) -> bool:
+        return bool(self.image and self.image.needs_pixels)
 
     def config(self) -> dict:
         return {"image": self.image.attrs() if self.image else None,
@@ -68,15 +83,19 @@ class _Extractors:
         if self.image:
             dims["image_dim"] = self.image.embed_dim
             if self.image.tokens:
-                blank = torch.zeros(1, 3, *_pair(self.image.visual.image_size))
-                dims["image_tokens"] = list(self.image.encode_pixels(blank)[1].shape[1:])
+                dims["image_tokens"] = self.image.token_shape()
         if self.text:
             dims["context_length"] = self.text.context_length
         return dims
 
 
-def _pair(size) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else tuple(size)
+@dataclass
+class _ReadShard:
+    """One shard as the reader thread hands it over: its contents, and on the device path its image crops."""
+
+    path: Path
+    contents: ShardContents
+    crops: torch.Tensor | None = None
 
 
 def featurize(shards: Path, store_path: Path, options: FeaturizeOptions = FeaturizeOptions(), *,
@@ -91,7 +110,7 @@ def featurize(shards: Path, store_path: Path, options: FeaturizeOptions = Featur
     index = read_index(shards)
     splits = _choose_splits(index, options.splits)
     device = resolve_device(options.device)
-    extractors = _Extractors(options, index, device)
+    extractors = _Extractors(options, index, shards, device)
     config = {**extractors.config(), "splits": splits}
     fingerprint = index_fingerprint(index, splits)
 
@@ -103,26 +122,30 @@ def featurize(shards: Path, store_path: Path, options: FeaturizeOptions = Featur
     summary = FeaturizeSummary(store_path, str(device), random_init=bool(extractors.image and extractors.image.random_init),
                                config=config)
     slots = list(store.slots.values())
+    summary.shards_skipped = [slot.name for slot in slots if slot.done]
+    todo = [slot for slot in slots if not slot.done][:stop_after]
     entries = {s["name"]: s for split in splits for s in index["splits"][split]["shards"]}
+
+    def read(slot: ShardSlot) -> _ReadShard:
+        return _read_shard(shards / slot.name, entries[slot.name], extractors)
+
+    def write(job: tuple[ShardSlot, ShardFeatures]) -> None:
+        slot, features = job
+        try:
+            store.write_shard(slot, features)
+        except OSError as error:
+            # The slot is marked complete only after its arrays, so a rerun redoes just this shard.
+            raise TrimodalError(f"cannot write {slot.name}'s features into {store_path}: "
+                                f"{error.strerror or error}; shards already written are kept, run the same "
+                                "command again to continue") from error
+        summary.shards_written.append(slot.name)
+
     with reporter.task("featurize", total=sum(s.rows[1] - s.rows[0] for s in slots), unit="samples") as task, \
             ThreadPoolExecutor(options.workers) as pool:
-        for slot in slots:
-            if slot.done:
-                summary.shards_skipped.append(slot.name)
-                task.advance(slot.rows[1] - slot.rows[0])
-                continue
-            features = _featurize_shard(shards / slot.name, entries[slot.name], extractors, options.batch_size,
-                                        pool, task.advance)
-            try:
-                store.write_shard(slot, features)
-            except OSError as error:
-                # The slot is marked complete only after its arrays, so a rerun redoes just this shard.
-                raise TrimodalError(f"cannot write {slot.name}'s features into {store_path}: "
-                                    f"{error.strerror or error}; shards already written are kept, run the same "
-                                    "command again to continue") from error
-            summary.shards_written.append(slot.name)
-            if stop_after is not None and len(summary.shards_written) >= stop_after:
-                break
+        task.advance(sum(s.rows[1] - s.rows[0] for s in slots if s.done))
+        with Ahead(todo, read, name="featurize-reader") as reader, Behind(write, name="featurize-writer") as writer:
+            for slot, shard in zip(todo, reader):
+                writer.submit((slot, _featurize_shard(shard, extractors, options.batch_size, pool, task.advance)))
     counts = store.group.attrs["counts"]
     summary.rows, summary.captions, summary.utterances = counts["rows"], counts["captions"], counts["utterances"]
     summary.frames = int(store.group.attrs["frames_committed"])
@@ -156,51 +179,42 @@ def _open_or_create(path: Path, shards: Path, index: dict, splits: list[str], co
                                shards_path=shards, dims=extractors.dims())
 
 
-def _featurize_shard(path: Path, entry: dict, extractors: _Extractors, batch_size: int, pool: ThreadPoolExecutor,
-                     advance) -> ShardFeatures:
-    contents = read_shard(path, images=extractors.image is not None, audio=extractors.mel is not None)
-    keys, image_blobs, wav_blobs = contents.keys, contents.images, contents.wavs
-    expected = (entry["samples"], entry["captions"], entry["utterances"] if extractors.mel else len(wav_blobs))
-    found = (len(keys), len(contents.captions), len(wav_blobs))
-    if found != expected or len(set(keys)) != len(keys):
+def _read_shard(path: Path, entry: dict, extractors: _Extractors) -> _ReadShard:
+    """The reader thread's part: the shard's members, checked against index.json; on CUDA its image crops."""
+    contents = read_shard(path, images=extractors.pixels, audio=extractors.mel is not None)
+    expected = (entry["samples"], entry["captions"], entry["utterances"] if extractors.mel else len(contents.wavs))
+    found = (len(contents.keys), len(contents.captions), len(contents.wavs))
+    if found != expected or len(set(contents.keys)) != len(contents.keys):
         raise ShardError(f"{path} does not match its index.json entry (samples, captions, utterances: "
                          f"found {found}, index says {expected}); run `mm shard` again")
+    if extractors.pixels and any(blob is None for blob in contents.images):
+        raise ShardError(f"{path}: a sample has no image member")
+    shard = _ReadShard(path, contents)
+    if extractors.device_pixels is not None:
+        shard.crops = extractors.device_pixels.crops(contents.images)
+        contents.images = []  # the bytes are done with; the crops are what the tower needs
+    return shard
 
+
+def _featurize_shard(shard: _ReadShard, extractors: _Extractors, batch_size: int, pool: ThreadPoolExecutor,
+                     advance) -> ShardFeatures:
+    contents = shard.contents
+    keys = contents.keys
     features = ShardFeatures(keys=keys)
     # Progress counts samples; images and audio each carry a share of every sample.
     stages = [stage for stage in (extractors.image, extractors.mel) if stage]
     share = len(keys) / max(1, len(stages))
     if extractors.image:
-        if any(blob is None for blob in image_blobs):
-            raise ShardError(f"{path}: a sample has no image member")
-        chunks = [image_blobs[start : start + batch_size] for start in range(0, len(image_blobs), batch_size)]
-        decode = lambda blob: extractors.image.pixels([blob])[0]  # noqa: E731
-        # Decoding the next batch on the pool overlaps with the tower running on this one.
-        pending = [pool.submit(decode, blob) for blob in chunks[0]] if chunks else []
-        pooled, tokens = [], []
-        for number, chunk in enumerate(chunks):
-            pixels = torch.stack([future.result() for future in pending])
-            pending = [pool.submit(decode, blob) for blob in chunks[number + 1]] if number + 1 < len(chunks) else []
-            batch_pooled, batch_tokens = extractors.image.encode_pixels(pixels)
-            pooled.append(batch_pooled)
-            if batch_tokens is not None:
-                tokens.append(batch_tokens)
-            advance(share * len(chunk) / len(keys))
-        features.image = np.concatenate(pooled) if pooled else np.zeros((0, extractors.image.embed_dim))
-        features.image_tokens = np.concatenate(tokens) if tokens else None
+        features.image, features.image_tokens = _image_features(shard, extractors, batch_size, pool,
+                                                                lambda n: advance(share * n / max(1, len(keys))))
     if extractors.text:
         features.tokens = extractors.text(contents.captions)
         features.caption_ids = np.asarray(contents.caption_ids, dtype=np.int32)
         features.caption_offsets = offsets(contents.caption_counts)
     if extractors.mel:
-        # Decoded waveforms are float32 (twice their wav bytes), so a shard is decoded a window at a time.
-        mels: list[np.ndarray] = []
-        for start in range(0, len(wav_blobs), _AUDIO_WINDOW):
-            window = wav_blobs[start : start + _AUDIO_WINDOW]
-            waveforms = list(pool.map(lambda blob: extractors.mel.resample(*decode_wav(blob)), window))
-            mels += [mel.astype(np.float16) for mel in extractors.mel.batched(
-                waveforms, batch_size, on_batch=lambda n: advance(share * n / len(wav_blobs)))]
-        if not wav_blobs:
+        mels = _mel_features(contents.wavs, extractors.mel, batch_size, pool,
+                             lambda n: advance(share * n / len(contents.wavs)))
+        if not contents.wavs:
             advance(share)
         features.mel = np.concatenate(mels) if mels else np.zeros((0, extractors.mel.config.n_mels), np.float16)
         features.frame_offsets = offsets([len(m) for m in mels])
@@ -209,3 +223,56 @@ def _featurize_shard(path: Path, entry: dict, extractors: _Extractors, batch_siz
     if not stages:
         advance(len(keys))
     return features
+
+
+def _image_features(shard: _ReadShard, extractors: _Extractors, batch_size: int, pool: ThreadPoolExecutor,
+                    advance) -> tuple[np.ndarray, np.ndarray | None]:
+    image, keys = extractors.image, shard.contents.keys
+    if not image.needs_pixels:
+        embeddings = image.embed_keys(keys)
+        if embeddings.shape != (len(keys), image.embed_dim):
+            raise TrimodalError(f"{shard.path}: the precomputed image features gave shape {embeddings.shape} for "
+                                f"{len(keys)} samples of width {image.embed_dim}")
+        advance(len(keys))
+        return embeddings, None
+    if shard.crops is not None:  # the device path: cropped on the device by the reader thread
+        batches = (extractors.device_pixels.normalize(shard.crops[start : start + batch_size])
+                   for start in range(0, len(keys), batch_size))
+    else:
+        batches = _pil_batches(shard.contents.images, image, batch_size, pool)
+    pooled, tokens = [], []
+    for pixels in batches:
+        batch_pooled, batch_tokens = image.encode_pixels(pixels)
+        pooled.append(batch_pooled)
+        if batch_tokens is not None:
+            tokens.append(batch_tokens)
+        advance(len(batch_pooled))
+    return (np.concatenate(pooled) if pooled else np.zeros((0, image.embed_dim), np.float32),
+            np.concatenate(tokens) if tokens else None)
+
+
+def _pil_batches(blobs: list[bytes], image, batch_size: int, pool: ThreadPoolExecutor):
+    """Preprocessed batches, PIL decoding the next batch on the pool while the tower runs on this one."""
+    chunks = [blobs[start : start + batch_size] for start in range(0, len(blobs), batch_size)]
+    decode = lambda blob: image.pixels([blob])[0]  # noqa: E731
+    pending = [pool.submit(decode, blob) for blob in chunks[0]] if chunks else []
+    for number in range(len(chunks)):
+        pixels = torch.stack([future.result() for future in pending])
+        pending = [pool.submit(decode, blob) for blob in chunks[number + 1]] if number + 1 < len(chunks) else []
+        yield pixels
+
+
+def _mel_features(wavs: list[bytes], mel: MelExtractor, batch_size: int, pool: ThreadPoolExecutor,
+                  advance) -> list[np.ndarray]:
+    """float16 log-mels of every utterance, in order."""
+    load = lambda blob: mel.resample(*decode_wav(blob))  # noqa: E731  (moved to the mel device there)
+    # Decoded waveforms are float32 (twice their wav bytes), so a shard is decoded a window at a time;
+    # the pool decodes the next window while this one is featurised.
+    windows = [wavs[start : start + _AUDIO_WINDOW] for start in range(0, len(wavs), _AUDIO_WINDOW)]
+    pending = [pool.submit(load, blob) for blob in windows[0]] if windows else []
+    mels: list[np.ndarray] = []
+    for number in range(len(windows)):
+        waveforms = [future.result() for future in pending]
+        pending = [pool.submit(load, blob) for blob in windows[number + 1]] if number + 1 < len(windows) else []
+        mels += mel.batched(waveforms, batch_size, on_batch=advance, dtype=torch.float16)
+    return mels

@@ -1,16 +1,22 @@
-"""Image features: the pooled embedding (and optionally patch tokens) of an open_clip image tower.
+"""Image features: one way to build an image extractor from an `--image` value, and what extractors share.
 
-An encoder is named `open_clip:<model>[:<pretrained tag or local weights file>]`. Without weights the
-tower runs with random initialisation, and says so; a local file is read with safetensors or
-`torch.load(weights_only=True)`.
+A tower is named `<family>:<model>[:<weights>]`, the family looked up in a registry (`open_clip` in
+`open_clip_image.py`, `timm` in `timm_image.py`). Without weights a tower runs with random
+initialisation from a fixed seed, and says so; a local weights file is read with safetensors or
+`torch.load(weights_only=True)` and its sha256 recorded. `precomputed` imports the vectors a dataset
+ships (BabyLM's `.npy` files); `auto` picks from what the shards' `index.json` says they hold.
+
+Every extractor has `needs_pixels`, `tokens`, `random_init`, `embed_dim` and `attrs()`. Towers
+(`needs_pixels = True`) also have `pixels(blobs)` (PIL decoding and the model's CPU preprocessing),
+`encode_pixels(pixels)`, `token_shape()` and `device_preprocess` (the same preprocessing as numbers the
+device path in `decode.py` can run, or None); precomputed features have `embed_keys(keys)`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import logging
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +28,7 @@ from trimodal.errors import ConfigError, TrimodalError
 
 _WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 RANDOM_INIT_SEED = 0
+DEFAULT_TOWER = "open_clip:ViT-B-32"
 
 
 @dataclass(frozen=True)
@@ -38,12 +45,106 @@ class EncoderSpec:
         return self.weights is not None and (self.weights.endswith(_WEIGHT_SUFFIXES) or "/" in self.weights)
 
 
+@dataclass(frozen=True)
+class ImagePreprocess:
+    """A tower's eval preprocessing as numbers: shortest edge resized, centre crop, mean/std.
+
+    `crop_offset` says how an odd margin is split: "round" as torchvision's CenterCrop (open_clip),
+    "floor" as Hugging Face's image processors (DINOv2's).
+    """
+
+    resize: int
+    crop: tuple[int, int]  # (height, width)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    crop_offset: str = "round"
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.crop
+
+    def attrs(self) -> dict:
+        return {"resize_shortest_edge": self.resize, "crop": list(self.crop), "mean": list(self.mean),
+                "std": list(self.std), "interpolation": self.interpolation, "crop_offset": self.crop_offset}
+
+
+# -- the registry of tower families ---------------------------------------------------------------
+
+_FAMILIES: dict[str, Callable[[EncoderSpec, torch.device, bool], "ImageTower"]] = {}
+
+
+def register_image_family(name: str):
+    """Register `builder(spec, device, tokens) -> tower` as the image family `name`."""
+
+    def register(builder):
+        _FAMILIES[name] = builder
+        return builder
+
+    return register
+
+
+@register_image_family("open_clip")
+def _open_clip(spec: EncoderSpec, device: torch.device, tokens: bool) -> "ImageTower":
+    from trimodal.features.open_clip_image import OpenClipImageEncoder
+
+    return OpenClipImageEncoder(spec, device, tokens=tokens)
+
+
+@register_image_family("timm")
+def _timm(spec: EncoderSpec, device: torch.device, tokens: bool) -> "ImageTower":
+    from trimodal.features.timm_image import TimmImageEncoder
+
+    return TimmImageEncoder(spec, device, tokens=tokens)
+
+
+def image_families() -> list[str]:
+    return list(_FAMILIES)
+
+
 def parse_encoder(spec: str) -> EncoderSpec:
     parts = spec.split(":", 2)
-    if len(parts) < 2 or parts[0] != "open_clip" or not parts[1]:
-        raise ConfigError(f"encoder {spec!r} is not open_clip:<model>[:<pretrained tag or weights file>]")
+    if len(parts) < 2 or parts[0] not in _FAMILIES or not parts[1]:
+        raise ConfigError(f"encoder {spec!r} is not open_clip:<model>[:<pretrained tag or weights file>] "
+                          "or timm:<model>[:<weights file>]")
     return EncoderSpec(parts[0], parts[1], parts[2] if len(parts) == 3 and parts[2] else None)
 
+
+def make_image_extractor(spec: str | None, device: torch.device, *, tokens: bool = False, index: dict | None = None,
+                         shards: Path | None = None):
+    """The extractor an `--image` value names, or None for no image features.
+
+    `auto` is the default tower when the shards hold images (`index.json` modalities), the precomputed
+    vectors when `index.json` has a `precomputed` section, else nothing; `precomputed` asks for those
+    vectors; anything else is `<family>:<model>[:<weights>]`.
+    """
+    index = index or {}
+    where = f"the shards in {shards}" if shards else "the shards"
+    # Shards written before index.json listed modalities all hold images.
+    has_pixels = "image" in index.get("modalities", ["image"])
+    has_precomputed = "image/embedding" in (index.get("precomputed") or {})
+    if spec == "auto":
+        spec = DEFAULT_TOWER if has_pixels else "precomputed" if has_precomputed else None
+    if spec in (None, "none"):
+        return None
+    if spec == "precomputed":
+        if not has_precomputed:
+            raise ConfigError(f"--image precomputed: {where} carry no precomputed image features "
+                              "(index.json has no `precomputed` section); name an image encoder or none")
+        if tokens:
+            raise ConfigError("--image-tokens needs an image tower; precomputed image features have no patch tokens")
+        from trimodal.features.precomputed import PrecomputedImageFeatures
+
+        return PrecomputedImageFeatures(index, Path(shards) if shards else Path("."))
+    encoder = parse_encoder(spec)
+    if not has_pixels:
+        instead = "--image precomputed, auto or none" if has_precomputed else "--image none"
+        raise ConfigError(f"--image {spec} needs pixels, but {where} hold no images "
+                          f"(modalities: {', '.join(index.get('modalities', []))}); use {instead}")
+    return _FAMILIES[encoder.family](encoder, device, tokens)
+
+
+# -- what towers share -----------------------------------------------------------------------------
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
@@ -71,87 +172,66 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
+    if not isinstance(state, dict):
+        raise ConfigError(f"weights file {path} holds a {type(state).__name__}, not a dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-@contextmanager
-def _quiet_open_clip():
-    """open_clip logs "No pretrained weights loaded" at WARNING on the root logger; we say it ourselves."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        yield
-    finally:
-        logging.disable(previous)
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
-class OpenClipImageEncoder:
-    """Batches of image bytes -> pooled embeddings (N, D) and optionally patch tokens (N, T, W)."""
+def seeded(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """`build()` under a fixed seed: a resumed or repeated run must draw the same random tower."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        return build()
 
-    def __init__(self, spec: EncoderSpec, device: torch.device, *, tokens: bool = False):
-        import open_clip
 
-        if spec.model not in open_clip.list_models():
-            raise ConfigError(f"unknown open_clip model {spec.model!r} (e.g. ViT-B-32, ViT-S-32-alt, RN50)")
-        self.spec, self.device, self.tokens = spec, device, tokens
-        self.weights_sha256 = None
-        with _quiet_open_clip():
-            model = self._create(open_clip, spec)
-        self.visual = model.visual.eval().to(device)
-        self.visual.output_tokens = tokens
-        cfg = getattr(self.visual, "preprocess_cfg", {})
-        self.preprocess = open_clip.image_transform(self.visual.image_size, is_train=False,
-                                                    mean=cfg.get("mean"), std=cfg.get("std"),
-                                                    interpolation=cfg.get("interpolation"),
-                                                    resize_mode=cfg.get("resize_mode"))
-        self.preprocess_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
-        self.embed_dim = int(self.visual.output_dim)
+class ImageTower:
+    """What open_clip and timm towers share: PIL preprocessing, bf16 autocast on CUDA, numpy out.
 
-    def _create(self, open_clip, spec: EncoderSpec):
-        if spec.weights is None:
-            # A fixed seed: a resumed or repeated run must draw the same random tower.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(RANDOM_INIT_SEED)
-                return open_clip.create_model(spec.model, pretrained=None)
-        if spec.weights_is_file:
-            path = Path(spec.weights).expanduser()
-            state = load_state_dict(path)
-            self.weights_sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
-            model = open_clip.create_model(spec.model, pretrained=None)
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            if any(k.startswith("visual.") for k in missing) or not any(k.startswith("visual.") for k in state):
-                raise ConfigError(f"{path} does not hold the image tower of {spec.model} "
-                                  f"({len(missing)} missing and {len(unexpected)} unexpected tensors)")
-            return model
-        try:
-            return open_clip.create_model(spec.model, pretrained=spec.weights)
-        except Exception as error:  # hub failures come in many types
-            raise ConfigError(f"cannot load pretrained weights {spec.weights!r} for {spec.model}: {error}; "
-                              "with no network, pass a local weights file instead") from error
+    A subclass sets `spec`, `device`, `tokens`, `weights_sha256`, `embed_dim`, `transform` (PIL image ->
+    tensor), `device_preprocess` and `input_size`, and implements `_forward(pixels) -> (pooled, tokens)`.
+    """
+
+    needs_pixels = True
+    spec: EncoderSpec
+    device: torch.device
+    tokens: bool
+    embed_dim: int
+    transform: Callable
+    device_preprocess: ImagePreprocess | None
+    input_size: tuple[int, int]
+    weights_sha256: str | None = None
 
     @property
     def random_init(self) -> bool:
         return self.spec.weights is None
 
-    def attrs(self) -> dict:
-        return {"encoder": str(self.spec), "family": self.spec.family, "model": self.spec.model,
-                "weights": self.spec.weights, "weights_sha256": self.weights_sha256,
-                "random_init": self.random_init,
-                "random_init_seed": RANDOM_INIT_SEED if self.random_init else None, "embed_dim": self.embed_dim, "tokens": self.tokens,
-                "preprocess": self.preprocess_cfg}
+    def _forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
 
     def pixels(self, blobs: list[bytes]) -> torch.Tensor:
         try:
-            return torch.stack([self.preprocess(Image.open(io.BytesIO(blob)).convert("RGB")) for blob in blobs])
+            return torch.stack([self.transform(Image.open(io.BytesIO(blob)).convert("RGB")) for blob in blobs])
         except OSError as error:
             raise TrimodalError(f"cannot decode an image: {error}") from error
 
     @torch.inference_mode()
     def encode_pixels(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            output = self.visual(pixels.to(self.device, non_blocking=True))
-        pooled, tokens = output if self.tokens else (output, None)
+            pooled, tokens = self._forward(pixels.to(self.device, non_blocking=True))
         return pooled.float().cpu().numpy(), (tokens.float().cpu().numpy() if tokens is not None else None)
+
+    def token_shape(self) -> list[int]:
+        """(tokens, width) of the patch tokens one image gives."""
+        _, tokens = self.encode_pixels(torch.zeros(1, 3, *self.input_size))
+        return list(tokens.shape[1:])
 
     def __call__(self, blobs: list[bytes]) -> tuple[np.ndarray, np.ndarray | None]:
         return self.encode_pixels(self.pixels(blobs))
