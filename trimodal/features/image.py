@@ -136,7 +136,11 @@ def make_image_extractor(spec: str | None, device: torch.device, *, tokens: bool
         from trimodal.features.precomputed import PrecomputedImageFeatures
 
         return PrecomputedImageFeatures(index, Path(shards) if shards else Path("."))
-    encoder = parse_encoder(spec)
+    try:
+        encoder = parse_encoder(spec)
+    except ConfigError:
+        raise ConfigError(f"--image {spec!r} is not open_clip:<model>[:<pretrained tag or weights file>], "
+                          "timm:<model>[:<weights file or tag>], precomputed, auto or none") from None
     if not has_pixels:
         instead = "--image precomputed, auto or none" if has_precomputed else "--image none"
         raise ConfigError(f"--image {spec} needs pixels, but {where} hold no images "
