@@ -2,8 +2,8 @@
 
 The shards' `index.json` says, under `precomputed`, which files hold each part's rows (with their
 sha256, size and mtime as `mm shard` saw them); a key `<part>-<row>` names row `row` of the part's
-files taken in order. Files are memory-mapped (`allow_pickle=False`) and only the rows of the shard at
-hand are read, so a 7 GB file never enters memory.
+files taken in order. Files are memory-mapped (never unpickled) over the span of rows the shard at hand
+needs, and the mapping is dropped after each shard, so a 7 GB file never enters memory.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 
 from trimodal.errors import TrimodalError
 from trimodal.features.store import StaleCacheError
-from trimodal.pipeline.npyfiles import first_nonfinite, open_rows, read_header
+from trimodal.pipeline.npyfiles import first_nonfinite, read_header
 
 
 class PrecomputedImageFeatures:
@@ -31,15 +31,15 @@ class PrecomputedImageFeatures:
                                 "(only datasets such as babylm-mm do); use an image encoder with --image")
         self.extractor, self.embed_dim = spec["extractor"], int(spec["width"])
         self._files: dict[str, list[dict]] = {}
+        self._headers: dict[str, object] = {}
         self._starts: dict[str, np.ndarray] = {}
         for part, described in spec["parts"].items():
             for file in described["files"]:
-                self._check(Path(file["path"]), file)
+                self._headers[file["path"]] = self._check(Path(file["path"]), file)
             self._files[part] = described["files"]
             self._starts[part] = np.cumsum([0] + [file["rows"] for file in described["files"]])
-        self._mapped: dict[str, np.ndarray] = {}
 
-    def _check(self, path: Path, recorded: dict) -> None:
+    def _check(self, path: Path, recorded: dict):
         try:
             stat = path.stat()
         except FileNotFoundError:
@@ -50,17 +50,13 @@ class PrecomputedImageFeatures:
         header = read_header(path, self.embed_dim)
         if header.rows != recorded["rows"]:
             raise StaleCacheError(f"{path} has {header.rows:,} rows; index.json recorded {recorded['rows']:,}")
+        return header
 
     def attrs(self) -> dict:
         return {"encoder": "precomputed", "family": "precomputed", "model": self.extractor, "embed_dim": self.embed_dim,
                 "tokens": False, "random_init": False,
                 "files": {part: [{"file": f["file"], "rows": f["rows"], "sha256": f["sha256"]} for f in files]
                           for part, files in self._files.items()}}
-
-    def _rows(self, path: str) -> np.ndarray:
-        if path not in self._mapped:
-            self._mapped[path] = open_rows(Path(path))
-        return self._mapped[path]
 
     def embed_keys(self, keys: list[str]) -> np.ndarray:
         """(len(keys), width) float32: each key's row, checked for NaN and inf."""
@@ -83,7 +79,10 @@ class PrecomputedImageFeatures:
             file = self._files[part][file_number]
             positions, rows = (np.asarray(column) for column in zip(*pairs))
             order = np.argsort(rows, kind="stable")  # ascending rows: the mapped pages are read in order
-            block = np.asarray(self._rows(file["path"])[rows[order]], dtype=np.float32)
+            first, last = int(rows[order[0]]), int(rows[order[-1]])
+            span = self._headers[file["path"]].mapped(first, last + 1)
+            block = np.asarray(span[rows[order] - first], dtype=np.float32)
+            del span  # unmapped: its pages stop counting as this process's memory
             bad = first_nonfinite(block)
             if bad is not None:
                 raise TrimodalError(f"{file['path']}: row {int(rows[order][bad])} holds NaN or inf "

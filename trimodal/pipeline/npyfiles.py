@@ -1,7 +1,9 @@
 """Precomputed feature matrices in `.npy` files, checked from their header and read memory-mapped.
 
 Never `allow_pickle`: an object array is refused from its header, before any byte of it is unpickled.
-A file of several GB is only ever mapped, and checked for NaN/inf in row blocks.
+A file of several GB is only ever mapped, a range of rows at a time, and each mapping is dropped when
+that range is done: pages of a mapping that stays open count towards the process's resident memory
+until it closes, so one mapping of the whole file would show the file's size as RSS by the end.
 """
 
 from __future__ import annotations
@@ -28,6 +30,14 @@ class NpyHeader:
     width: int
     dtype: np.dtype
     bytes: int
+    offset: int  # where the rows start in the file
+
+    def mapped(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) memory-mapped read-only; drop the array to release the mapping."""
+        if stop <= start:
+            return np.empty((0, self.width), self.dtype)
+        return np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset + start * self.width * self.dtype.itemsize,
+                         shape=(stop - start, self.width))
 
 
 def read_header(path: Path, width: int | None = None) -> NpyHeader:
@@ -40,6 +50,7 @@ def read_header(path: Path, width: int | None = None) -> NpyHeader:
             if read is None:
                 raise ValueError(f"unsupported .npy format version {version}")
             shape, fortran, dtype = read(reader)
+            offset = reader.tell()
     except FileNotFoundError:
         raise FeatureFileError(f"{path} does not exist") from None
     except (OSError, ValueError) as error:
@@ -55,15 +66,11 @@ def read_header(path: Path, width: int | None = None) -> NpyHeader:
         raise FeatureFileError(f"{path} is stored column-major (Fortran order); rows could not be read one by one")
     if width is not None and shape[1] != width:
         raise FeatureFileError(f"{path} has rows of width {shape[1]}; {width} was expected")
-    return NpyHeader(path, int(shape[0]), int(shape[1]), dtype, path.stat().st_size)
-
-
-def open_rows(path: Path) -> np.ndarray:
-    """The file's matrix, memory-mapped read-only (no pickles)."""
-    try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise FeatureFileError(f"cannot map {path}: {error}") from error
+    size = path.stat().st_size
+    if size < offset + shape[0] * shape[1] * dtype.itemsize:
+        raise FeatureFileError(f"{path} is truncated: its header promises {shape[0]:,} rows of {shape[1]}, the file is "
+                               f"{size:,} bytes")
+    return NpyHeader(path, int(shape[0]), int(shape[1]), dtype, size, offset)
 
 
 def first_nonfinite(rows: np.ndarray) -> int | None:
@@ -73,12 +80,13 @@ def first_nonfinite(rows: np.ndarray) -> int | None:
 
 
 def scan_nonfinite(path: Path, advance=lambda n: None) -> list[int]:
-    """Every row of the file holding NaN or inf (checked in blocks of ~64 MB)."""
-    matrix = open_rows(path)
-    block = max(1, _BLOCK_BYTES // max(1, matrix.shape[1] * matrix.itemsize))
+    """Every row of the file holding NaN or inf, checked ~64 MB at a time."""
+    header = read_header(path)
+    block = max(1, _BLOCK_BYTES // max(1, header.width * header.dtype.itemsize))
     bad = []
-    for start in range(0, len(matrix), block):
-        rows = np.asarray(matrix[start : start + block])
+    for start in range(0, header.rows, block):
+        rows = header.mapped(start, min(header.rows, start + block))
         bad += (start + np.flatnonzero(~np.isfinite(rows).all(axis=1))).tolist()
         advance(len(rows))
+        del rows
     return bad
