@@ -1,6 +1,7 @@
 """babylm-mm: text-only shards split by a seeded, recorded row split; feature files checked from their headers."""
 
 import json
+import shutil
 import tarfile
 
 import numpy as np
@@ -147,3 +148,26 @@ def test_osf_urls_resolve_through_the_folder_listing(http_server):
         osf.resolve("osf://ad7qg/F1/c.npy", api=api)
     with pytest.raises(DownloadError, match="use --mirror"):
         osf.resolve("osf://ad7qg/MISSING/c.npy", api=api)
+
+
+def test_download_of_one_part_through_a_mirror_records_and_then_enforces_sha256(http_server, tmp_path):
+    from trimodal.errors import ChecksumError
+    from trimodal.pipeline.download import RECORDED, download_dataset
+
+    write_babylm(tmp_path / "made", cc3m=50, localized_narratives=20)
+    for path in (tmp_path / "made").iterdir():
+        http_server.files["/" + path.name] = path.read_bytes()
+    result = download_dataset("babylm-mm", tmp_path / "data", mirror=http_server.url, only=["cc3m"])
+    assert sorted(a.file for a in result.archives) == sorted(["cc_3M_captions.json", *CC_FILES])
+    for name in ("cc_3M_captions.json", *CC_FILES):
+        assert (tmp_path / "data" / "babylm-mm" / name).read_bytes() == (tmp_path / "made" / name).read_bytes()
+    assert not (tmp_path / "data" / "babylm-mm" / "local_narr_captions.json").exists()
+    recorded = json.loads((tmp_path / "data" / RECORDED).read_text())
+    assert set(recorded) == {"cc_3M_captions.json", *CC_FILES}
+    # A later download of a file is held to the sha256 its first download recorded.
+    download_dataset("babylm-mm", tmp_path / "data", mirror=http_server.url, only=["localized-narratives"])
+    http_server.files["/local_narr_captions.json"] = b'["changed"]'
+    (tmp_path / "again").mkdir()
+    shutil.copy(tmp_path / "data" / RECORDED, tmp_path / "again" / RECORDED)
+    with pytest.raises(ChecksumError, match="local_narr_captions.json"):
+        download_dataset("babylm-mm", tmp_path / "again", mirror=http_server.url, only=["localized-narratives"])
