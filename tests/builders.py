@@ -6,9 +6,11 @@ import hashlib
 import io
 import random
 import tarfile
+import threading
 import wave
 import zipfile
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -185,3 +187,24 @@ def manifest_expecting(name: str, files: dict[str, bytes], urls=None):
             sha256=hashlib.sha256(data).hexdigest() if archive.sha256 else None)
 
     return dataclasses.replace(real, archives=tuple(expecting(archive) for archive in real.archives))
+
+
+def flickr_shards(root: Path, *, train: int, val: int, test: int, wav_seconds: float, max_samples: int) -> Path:
+    """A small Flickr8k + FACC tree under `root/data`, sharded into `root/shards`."""
+    from trimodal.pipeline.shard import ShardOptions, shard_dataset
+
+    build_flickr_tree(root / "data", train=train, val=val, test=test, wav_seconds=wav_seconds)
+    shard_dataset("flickr8k", root / "data", root / "shards", ShardOptions(max_samples=max_samples))
+    return root / "shards"
+
+
+@contextmanager
+def serving(httpd):
+    """Run `httpd` (a ThreadingHTTPServer) on a daemon thread for the block, then shut it down."""
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    try:
+        yield httpd
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

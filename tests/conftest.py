@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import re
 import shutil
-import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from tests.builders import serving
 from trimodal.cli.main import main
 from trimodal.pipeline.download import download_dataset
 
@@ -89,11 +89,8 @@ def http_server():
     server = ArchiveServer()
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(server))
     server.port = httpd.server_address[1]
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    yield server
-    httpd.shutdown()
-    httpd.server_close()
+    with serving(httpd):
+        yield server
 
 
 def _synthesized(name: str, tmp_path_factory) -> Path:

@@ -3,14 +3,13 @@ an image, some answer slowly; and the GCC TSVs that list them, in the real `capt
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from tests.builders import make_jpeg
+from tests.builders import make_jpeg, serving
 
 NOT_AN_IMAGE = b"<html><body>This photo is no longer available</body></html>"
 
@@ -59,13 +58,8 @@ def serve_images():
     server = ImageServer()
     httpd = _Server(("127.0.0.1", 0), _handler(server))
     server.port = httpd.server_address[1]
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    try:
+    with serving(httpd):
         yield server
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
 
 
 @dataclass

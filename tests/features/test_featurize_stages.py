@@ -7,13 +7,12 @@ import time
 import numpy as np
 import pytest
 
-from tests.builders import build_flickr_tree
+from tests.builders import flickr_shards
 from trimodal.errors import ShardError, TrimodalError
 from trimodal.features import featurize as featurize_module
 from trimodal.features.audio import MelExtractor
 from trimodal.features.featurize import FeaturizeOptions, featurize
 from trimodal.features.store import FeatureStore
-from trimodal.pipeline.shard import ShardOptions, shard_dataset
 from trimodal.pipeline.stream import iter_samples
 
 pytestmark = pytest.mark.timeout(120)  # a stage that fails must never leave featurize waiting
@@ -22,10 +21,7 @@ AUDIO_ONLY = FeaturizeOptions(device="cpu", image=None, text=None, batch_size=4)
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stages")
-    build_flickr_tree(root / "data", train=8, val=2, test=2, wav_seconds=0.3)
-    shard_dataset("flickr8k", root / "data", root / "shards", ShardOptions(max_samples=2))
-    return root / "shards"
+    return flickr_shards(tmp_path_factory.mktemp("stages"), train=8, val=2, test=2, wav_seconds=0.3, max_samples=2)
 
 
 def test_a_slow_writer_still_writes_shards_in_order_with_contiguous_frames(shards, tmp_path, monkeypatch):

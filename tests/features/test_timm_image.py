@@ -7,13 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from tests.builders import build_flickr_tree
+from tests.builders import flickr_shards
 from trimodal.errors import ConfigError
 from trimodal.features.featurize import FeaturizeOptions, featurize
 from trimodal.features.image import EncoderSpec, make_image_extractor
 from trimodal.features.store import FeatureStore
 from trimodal.features.timm_image import TimmImageEncoder
-from trimodal.pipeline.shard import ShardOptions, shard_dataset
 from trimodal.pipeline.stream import iter_samples
 
 DINO = "vit_small_patch14_dinov2"  # the base model's small sibling: same code, a quarter of the time
@@ -22,10 +21,7 @@ WIDTH = 384
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("timm")
-    build_flickr_tree(root / "data", train=4, val=2, test=2, wav_seconds=0.1)
-    shard_dataset("flickr8k", root / "data", root / "shards", ShardOptions(max_samples=4))
-    return root / "shards"
+    return flickr_shards(tmp_path_factory.mktemp("timm"), train=4, val=2, test=2, wav_seconds=0.1, max_samples=4)
 
 
 @pytest.fixture(scope="module")

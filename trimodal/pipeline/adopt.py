@@ -119,7 +119,7 @@ class _HashingReader:
 
 
 def _adopt(source: _Source, out: Path, advance) -> dict:
-    samples, bad = _read(source, advance)
+    samples, bad, sha256 = _read(source, advance)
     target = out / source.name
     if bad:
         how, entry = "copy", _rewrite(source, samples, target)
@@ -128,7 +128,7 @@ def _adopt(source: _Source, out: Path, advance) -> dict:
         with open(target, "rb") as raw:
             size = os.fstat(raw.fileno()).st_size
         entry = {"name": source.name, "samples": len(samples), "captions": sum(s[1] for s in samples),
-                 "utterances": 0, "bytes": size, "sha256": samples.sha256,
+                 "utterances": 0, "bytes": size, "sha256": sha256,
                  "first_key": samples[0][0] if samples else None, "last_key": samples[-1][0] if samples else None}
     entry["adopted_from"] = str(source.path.resolve())
     entry["adopted_by"] = how
@@ -139,13 +139,9 @@ def _adopt(source: _Source, out: Path, advance) -> dict:
     return record
 
 
-class _Samples(list):
-    sha256: str = ""
-
-
-def _read(source: _Source, advance) -> tuple[_Samples, list[dict]]:
-    """[(key, captions)] of the complete samples and the incomplete ones, reading the tar once."""
-    samples, bad = _Samples(), []
+def _read(source: _Source, advance) -> tuple[list[tuple[str, int]], list[dict], str]:
+    """[(key, captions)] of the complete samples, the incomplete ones, and the tar's sha256: one read."""
+    samples, bad = [], []
     seen: set[str] = set()
     current: dict[str, bytes] = {}
     key = None
@@ -188,8 +184,7 @@ def _read(source: _Source, advance) -> tuple[_Samples, list[dict]]:
                 pass
     except (tarfile.TarError, OSError, EOFError, UnicodeError) as error:
         raise ShardError(f"cannot read {source.path}: {error}; the tar is damaged (download it again)") from error
-    samples.sha256 = reader.sha256.hexdigest()
-    return samples, bad
+    return samples, bad, reader.sha256.hexdigest()
 
 
 def _link(source: Path, target: Path) -> str:
@@ -210,7 +205,7 @@ def _link(source: Path, target: Path) -> str:
     return how
 
 
-def _rewrite(source: _Source, samples: _Samples, target: Path) -> dict:
+def _rewrite(source: _Source, samples: list[tuple[str, int]], target: Path) -> dict:
     """A copy of the tar with only the complete samples (members in their original order)."""
     keep = {key for key, _ in samples}
     temporary = target.with_name(target.name + ".tmp")
