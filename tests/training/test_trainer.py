@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 from trimodal.errors import ConfigError, TrimodalError
 from trimodal.training.config import load_config, shipped_config
 from trimodal.training.eval_run import evaluate_run
-from trimodal.training.trainer import lr_at, train
+from trimodal.training.optimization import lr_at
+from trimodal.training.trainer import train
 
 QUICK = ["train.epochs=2", "train.num_workers=0", "train.batch_size=50", "train.warmup_steps=2",
          "model.layers=1", "model.model_dim=64", "model.latent_dim=32", "model.memory_slots=8", "model.central_slots=8"]
@@ -32,7 +33,7 @@ def test_a_run_writes_checkpoints_metrics_plots_and_the_resolved_config(quick_ru
     assert resolved["model"]["name"] == "mmn" and resolved["model"]["image_dim"] == 512
     assert resolved["run"]["torch"] and resolved["run"]["git_commit"] and resolved["run"]["parameters"] == result.parameters
     state = torch.load(run / "checkpoints" / "last.state.pt", weights_only=True)
-    assert state["epoch"] == 1 and set(state) >= {"optimizer", "torch_rng", "step", "best"}
+    assert state["epoch"] == 1 and set(state) >= {"optimization", "torch_rng", "step", "best"}
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if r["type"] == "train"]
     assert train_records and set(train_records[0]["losses"]) == {"image-text", "image-audio", "text-audio"}

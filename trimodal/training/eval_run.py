@@ -42,7 +42,8 @@ def evaluate_run(run: Path, *, split: str = "test", checkpoint: str = "best", tt
     shards = Path(shards or resolved["data"]["shards"])
     features = Path(features or resolved["data"]["features"])
     model_settings = dict(resolved["model"])
-    model = build_model(model_settings.pop("name"), **model_settings)
+    family = model_settings.pop("name")
+    model = build_model(family, **model_settings)
     load_weights(model, run / CHECKPOINTS / f"{checkpoint}.safetensors")
     target = resolve_device(device)
     model.to(target)
@@ -65,11 +66,27 @@ def evaluate_run(run: Path, *, split: str = "test", checkpoint: str = "best", tt
         result["directions_folds"] = score_folds(latents, groups, sizes)
         result["directions_1k"] = mean_over_folds(result["directions_folds"])
     if ttt:
-        if (ttt_k is not None and ttt_k < 1) or (ttt_step is not None and not 0 < ttt_step <= 1):
-            raise ConfigError("--ttt-k must be at least 1 and --ttt-step in (0, 1]")
+        check_ttt_options(model, family, ttt_k, ttt_step)
         result["directions_ttt"] = adapted_evaluation(model, data, target, train["eval_batch_size"],
                                                       k=ttt_k, step=ttt_step)
         result["mean_recall_ttt"] = mean_recall(result["directions_ttt"])
-        result["ttt_settings"] = {"k": model.ttt_k, "step": model.ttt_step}
+        result["ttt_settings"] = model.ttt_settings()
     write_json(run / f"eval-{split}.json", result)
     return result
+
+
+def check_ttt_options(model, family: str, ttt_k: int | None, ttt_step: float | None) -> None:
+    """Before any work: the family has test-time training, and the options given are its own."""
+    if not hasattr(model, "ttt_settings"):
+        raise ConfigError(f"model family {family!r} has no test-time training; --ttt works for {', '.join(ttt_families())}")
+    if (ttt_k is not None or ttt_step is not None) and hasattr(model, "ttt_encode"):
+        raise ConfigError(f"--ttt-k and --ttt-step are mmn's memory-write settings; {family!r} adapts with its "
+                          "run's ttt_max_steps, ttt_eta and adapter_rank (set in its config)")
+    if (ttt_k is not None and ttt_k < 1) or (ttt_step is not None and not 0 < ttt_step <= 1):
+        raise ConfigError("--ttt-k must be at least 1 and --ttt-step in (0, 1]")
+
+
+def ttt_families() -> list[str]:
+    from trimodal.training.models import family_has
+
+    return family_has("ttt_settings")

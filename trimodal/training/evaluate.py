@@ -48,11 +48,14 @@ def retrieval_metrics(queries: torch.Tensor, query_groups: np.ndarray, candidate
 
 
 @torch.no_grad()
-def embed_split(model, data: SplitData, device: torch.device, batch_size: int = 256) -> dict[str, torch.Tensor]:
-    """Latents of every image, caption and utterance of the split, each modality encoded on its own."""
+def embed_split(model, data: SplitData, device: torch.device, batch_size: int = 256,
+                encode=None) -> dict[str, torch.Tensor]:
+    """Latents of every image, caption and utterance of the split, each modality encoded on its own
+    (by `encode(modality, batch)`, default `model.encode`)."""
     from trimodal.training.data import Item, collate
 
     model.eval()
+    encode = encode or model.encode
     latents = {}
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     sources = {"image": (data.images, lambda x: Item("", image=x)),
@@ -69,7 +72,7 @@ def embed_split(model, data: SplitData, device: torch.device, batch_size: int = 
             batch = collate([make(values[i]) for i in rows], [modality])
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             with amp:
-                encoded = model.encode(modality, batch).float()
+                encoded = encode(modality, batch).float()
             for row, vector in zip(rows, encoded):
                 rows_out[row] = vector
         latents[modality] = torch.stack(rows_out)
@@ -138,11 +141,15 @@ def mean_recall(directions: dict) -> float:
     return float(np.mean(values)) if values else 0.0
 
 
-def adapted_evaluation(model, data: SplitData, device: torch.device, batch_size: int = 256, *,
-                       k: int | None = None, step: float | None = None) -> dict:
-    """Test-time training: one pass over the split's inputs writes the memory (top-k slots per query),
-    then the split is evaluated with the adapted memory; the trained memory is restored after."""
-    model.start_test_time_training(k, step)
+def adapted_evaluation(model, data: SplitData, device: torch.device, batch_size: int = 256, **options) -> dict:
+    """Retrieval with the family's test-time training; the trained model is unchanged afterwards.
+
+    Families with `ttt_encode` adapt per query batch and restore after each (`nlmm`). `mmn` writes its
+    memory in one pass over the split's inputs (top-k slots per query, `options` k and step), evaluates
+    with the adapted memory, then restores the trained memory."""
+    if hasattr(model, "ttt_encode"):
+        return score_latents(embed_split(model, data, device, batch_size, encode=model.ttt_encode), split_groups(data))
+    model.start_test_time_training(options.get("k"), options.get("step"))
     try:
         embed_split(model, data, device, batch_size)  # the adaptation pass
         model.test_time_training = False

@@ -39,3 +39,12 @@ def multimodal_infonce(latents: dict[str, torch.Tensor], present: dict[str, torc
     total_weight = sum(weights.get(name, 1.0) for name in losses)
     total = sum(weights.get(name, 1.0) * loss for name, loss in losses.items()) / total_weight
     return total, losses
+
+
+def training_loss(model, latents: dict[str, torch.Tensor], present: dict[str, torch.Tensor],
+                  weights: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The model family's own loss when it defines `training_loss`, else `multimodal_infonce`."""
+    custom = getattr(model, "training_loss", None)
+    if custom is not None:
+        return custom(latents, present, weights)
+    return multimodal_infonce(latents, present, model.logit_scale, weights)

@@ -10,7 +10,6 @@ validation improves), a line in `metrics.jsonl`, TensorBoard scalars and fresh P
 from __future__ import annotations
 
 import json
-import math
 import random
 import shutil
 import subprocess
@@ -32,8 +31,9 @@ from trimodal.training.checkpoint import load_state, load_weights, save_state, s
 from trimodal.training.config import RunConfig, TrainConfig, dump_toml, load_config
 from trimodal.training.data import TrimodalDataset, check_shared_memory, load_split, loader_failure, open_sources
 from trimodal.training.evaluate import evaluate_split, mean_recall
-from trimodal.training.losses import MAX_LOGIT_SCALE, multimodal_infonce
+from trimodal.training.losses import MAX_LOGIT_SCALE, training_loss
 from trimodal.training.models import build_model
+from trimodal.training.optimization import Optimization, flatten, make_optimization
 from trimodal.training.plots import plot_run, read_metrics
 
 CHECKPOINTS = "checkpoints"
@@ -48,15 +48,8 @@ class TrainResult:
     best_epoch: int | None
     best_mean_recall: float | None
     last_val: dict | None
-
-
-def lr_at(step: int, train: TrainConfig, total_steps: int) -> float:
-    # 1) linear warm-up, 2) cosine decay to lr * min_lr_ratio at the last step
-    if step < train.warmup_steps:
-        return train.lr * (step + 1) / train.warmup_steps
-    progress = min(1.0, (step - train.warmup_steps) / max(1, total_steps - train.warmup_steps))
-    floor = train.lr * train.min_lr_ratio
-    return floor + (train.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    train_seconds: float = 0.0  # inside the training epochs: loading, steps; no validation or checkpoints
+    train_steps: int = 0
 
 
 def max_audio_frames(train: TrainConfig) -> int:
@@ -93,16 +86,6 @@ def build_from_config(config: RunConfig, store_config: dict):
     return build_model(config.model_name, **settings), settings
 
 
-def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases, norms, embeddings, memory slots and the temperature."""
-    decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        exempt = parameter.ndim < 2 or name.endswith((".slots", "positions")) or "embedding" in name or "tokens." in name
-        (no_decay if exempt else decay).append(parameter)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": train.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=train.lr)
-
-
 def prepare_run_dir(run: Path, *, resume: bool, overwrite: bool) -> None:
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other")
@@ -135,7 +118,6 @@ def train(config_path: Path, shards: Path, features: Path, out: Path, *, resume:
     model, model_settings = build_from_config(config, store.config)
     model.to(device)
     parameters = sum(p.numel() for p in model.parameters())
-    optimizer = make_optimizer(model, settings)
     dataset = TrimodalDataset(shards, features, "train", modalities=settings.modalities, batch_size=settings.batch_size,
                               shuffle=True, seed=settings.seed, shuffle_buffer=settings.shuffle_buffer,
                               max_audio_frames=max_audio_frames(settings), drop_last=True)
@@ -150,12 +132,13 @@ def train(config_path: Path, shards: Path, features: Path, out: Path, *, resume:
     # Every loader worker drops its last partial batch (contrastive losses want full batches).
     steps_per_epoch = max(1, dataset.samples // (settings.batch_size * settings.grad_accum))
     total_steps = steps_per_epoch * settings.epochs
+    optimization = make_optimization(model, settings, total_steps)
 
     start_epoch, step, best, best_epoch = 0, 0, -1.0, None
     if resume:
         load_weights(model, run / CHECKPOINTS / "last.safetensors")
         state = load_state(run / CHECKPOINTS / "last.state.pt")
-        optimizer.load_state_dict(state["optimizer"])
+        optimization.load_state_dict(state.get("optimization") or {"optimizer": state["optimizer"]})
         torch.set_rng_state(state["torch_rng"])
         if device.type == "cuda" and "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"])
@@ -168,12 +151,14 @@ def train(config_path: Path, shards: Path, features: Path, out: Path, *, resume:
 
     writer = SummaryWriter(str(run / "tensorboard"))
     metrics_file = open(run / "metrics.jsonl", "a", encoding="utf-8")
-    last_val = None
+    last_val, train_seconds, train_steps = None, 0.0, 0
     try:
         for epoch in range(start_epoch, settings.epochs):
             dataset.set_epoch(epoch)
-            step = _train_epoch(model, loader, optimizer, settings, device, epoch, step, total_steps, dataset.samples,
+            started, first_step = time.monotonic(), step
+            step = _train_epoch(model, loader, optimization, settings, device, epoch, step, dataset.samples,
                                 metrics_file, writer, reporter)
+            train_seconds, train_steps = train_seconds + time.monotonic() - started, train_steps + step - first_step
             record = {"type": "val", "epoch": epoch, "step": step}
             if val_data is not None:
                 record["directions"] = evaluate_split(model, val_data, device, settings.eval_batch_size)
@@ -182,6 +167,7 @@ def train(config_path: Path, shards: Path, features: Path, out: Path, *, resume:
                 for direction, values in record["directions"].items():
                     writer.add_scalar(f"val/{direction}/R@10", values["R@10"], epoch)
                 writer.add_scalar("val/mean_recall", record["mean_recall"], epoch)
+            optimization.end_epoch(record.get("mean_recall"))
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
             score = record.get("mean_recall", epoch)
@@ -189,7 +175,7 @@ def train(config_path: Path, shards: Path, features: Path, out: Path, *, resume:
                 best, best_epoch = score, epoch
                 save_weights(model, run / CHECKPOINTS / "best.safetensors", {"epoch": epoch, "step": step})
             save_weights(model, run / CHECKPOINTS / "last.safetensors", {"epoch": epoch, "step": step})
-            state = {"optimizer": optimizer.state_dict(), "epoch": epoch, "step": step, "best": best,
+            state = {"optimization": optimization.state_dict(), "epoch": epoch, "step": step, "best": best,
                      "best_epoch": best_epoch, "torch_rng": torch.get_rng_state()}
             if device.type == "cuda":
                 state["cuda_rng"] = torch.cuda.get_rng_state()
@@ -201,10 +187,11 @@ def train(config_path: Path, shards: Path, features: Path, out: Path, *, resume:
         metrics_file.close()
         writer.close()
     return TrainResult(run, parameters, str(device), settings.epochs - start_epoch, best_epoch,
-                       best if best_epoch is not None and val_data is not None else None, last_val)
+                       best if best_epoch is not None and val_data is not None else None, last_val,
+                       train_seconds, train_steps)
 
 
-def _train_epoch(model, loader, optimizer, settings: TrainConfig, device, epoch, step, total_steps, samples,
+def _train_epoch(model, loader, optimization: Optimization, settings: TrainConfig, device, epoch, step, samples,
                  metrics_file, writer, reporter) -> int:
     model.train()
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=settings.amp and device.type == "cuda")
@@ -218,7 +205,7 @@ def _train_epoch(model, loader, optimizer, settings: TrainConfig, device, epoch,
             present = {m: batch[f"{m}_present"] for m in settings.modalities}
             with amp:
                 latents = model(batch)
-            loss, pair_losses = multimodal_infonce(latents, present, model.logit_scale, settings.loss_weights)
+            loss, pair_losses = training_loss(model, latents, present, settings.loss_weights)
             (loss / settings.grad_accum).backward()
             pending += 1
             seen += len(batch["keys"])
@@ -226,16 +213,16 @@ def _train_epoch(model, loader, optimizer, settings: TrainConfig, device, epoch,
                 running[name] = running.get(name, 0.0) + value.detach()
             running["batches"] = running.get("batches", 0) + 1
             if pending == settings.grad_accum:
-                step = _optimizer_step(model, optimizer, settings, step, total_steps)
+                step = _optimizer_step(model, optimization, step, loss)
                 pending = 0
                 if step % settings.log_every == 0:
-                    _log_train(metrics_file, writer, running, epoch, step, optimizer, seen / (time.monotonic() - started), model)
+                    _log_train(metrics_file, writer, running, epoch, step, optimization, seen / (time.monotonic() - started), model)
                     running = {}
             task.advance(len(batch["keys"]))
             if _note_due(seen, settings.batch_size):
                 task.update(description=f"epoch {epoch + 1}/{settings.epochs} loss {float(loss.detach()):.3f}")
         if pending:
-            step = _optimizer_step(model, optimizer, settings, step, total_steps)
+            step = _optimizer_step(model, optimization, step, loss)
     # Each worker drops at most one partial batch; fewer samples than that means batches were lost.
     expected = samples - max(1, settings.num_workers) * settings.batch_size
     if seen < expected:
@@ -265,23 +252,20 @@ def _note_due(seen: int, batch_size: int, every: int = 10) -> bool:
     return (seen // batch_size) % every == 1
 
 
-def _optimizer_step(model, optimizer, settings: TrainConfig, step: int, total_steps: int) -> int:
-    for group in optimizer.param_groups:
-        group["lr"] = lr_at(step, settings, total_steps)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+def _optimizer_step(model, optimization: Optimization, step: int, loss) -> int:
+    step = optimization.step(step, loss)
     with torch.no_grad():
         model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-    return step + 1
+    return step
 
 
-def _log_train(metrics_file, writer, running: dict, epoch: int, step: int, optimizer, samples_per_s: float, model) -> None:
+def _log_train(metrics_file, writer, running: dict, epoch: int, step: int, optimization: Optimization,
+               samples_per_s: float, model) -> None:
     batches = running.pop("batches")
     means = {name: float(total) / batches for name, total in running.items()}
-    record = {"type": "train", "epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"],
+    record = {"type": "train", "epoch": epoch, "step": step, "lr": optimization.lr,
               "loss": means.pop("loss"), "losses": means, "samples_per_s": samples_per_s,
-              "temperature": float(1 / model.logit_scale.detach().exp())}
+              "temperature": float(1 / model.logit_scale.detach().exp()), **optimization.log_record()}
     metrics_file.write(json.dumps(record) + "\n")
     metrics_file.flush()
     writer.add_scalar("train/loss", record["loss"], step)
@@ -289,6 +273,8 @@ def _log_train(metrics_file, writer, running: dict, epoch: int, step: int, optim
         writer.add_scalar(f"train/loss/{pair}", value, step)
     writer.add_scalar("train/lr", record["lr"], step)
     writer.add_scalar("train/samples_per_s", samples_per_s, step)
+    for tag, value in flatten(optimization.log_record()).items():
+        writer.add_scalar(f"train/{tag}", value, step)
 
 
 def _seed_everything(seed: int) -> None:

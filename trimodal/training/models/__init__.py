@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Callable
 
 from trimodal.errors import ConfigError
@@ -43,5 +44,12 @@ def model_defaults(name: str) -> dict:
             if p.default is not inspect.Parameter.empty}
 
 
+def family_has(attribute: str) -> list[str]:
+    """The families whose model class defines `attribute` (e.g. "ttt_settings")."""
+    _load_families()
+    return sorted(name for name, builder in _BUILDERS.items()
+                  if hasattr(typing.get_type_hints(builder).get("return"), attribute))
+
+
 def _load_families() -> None:
-    from trimodal.training.models import mmn  # noqa: F401  (registers itself)
+    from trimodal.training.models import mmn, nlmm  # noqa: F401  (each registers itself)

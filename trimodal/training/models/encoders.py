@@ -32,11 +32,12 @@ def transformer(dim: int, heads: int, layers: int, dropout: float) -> nn.Transfo
 class TextEncoder(nn.Module):
     """Token ids (B, L), 0-padded -> (B, dim): embeddings + positions, Transformer, masked mean."""
 
-    def __init__(self, vocab_size: int, context_length: int, dim: int, heads: int, layers: int, dropout: float):
+    def __init__(self, vocab_size: int, context_length: int, dim: int, heads: int, layers: int, dropout: float,
+                 backbone: nn.Module | None = None):
         super().__init__()
         self.tokens = nn.Embedding(vocab_size, dim)
         self.positions = nn.Parameter(torch.randn(context_length, dim) * 0.01)
-        self.encoder = transformer(dim, heads, layers, dropout)
+        self.encoder = backbone if backbone is not None else transformer(dim, heads, layers, dropout)
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -50,15 +51,15 @@ class TextEncoder(nn.Module):
 
 class ImageEncoder(nn.Module):
     """A cached pooled embedding (B, D) -> (B, dim) through an MLP; or patch tokens (B, T, W) through a
-    small Transformer."""
+    small Transformer. A given `backbone` replaces both (a pooled embedding is then one token)."""
 
     def __init__(self, input_dim: int, dim: int, *, tokens: bool = False, heads: int = 4, layers: int = 1,
-                 dropout: float = 0.1):
+                 dropout: float = 0.1, backbone: nn.Module | None = None):
         super().__init__()
         self.tokens = tokens
         self.input = nn.Sequential(nn.LayerNorm(input_dim), nn.Linear(input_dim, dim))
-        if tokens:
-            self.encoder = transformer(dim, heads, layers, dropout)
+        if backbone is not None or tokens:
+            self.encoder = backbone if backbone is not None else transformer(dim, heads, layers, dropout)
         else:
             self.mlp = nn.Sequential(nn.GELU(), nn.Dropout(dropout), nn.Linear(dim, dim))
         self.norm = nn.LayerNorm(dim)
@@ -67,6 +68,8 @@ class ImageEncoder(nn.Module):
         hidden = self.input(features)
         if self.tokens:
             hidden = self.encoder(hidden + sinusoidal_positions(hidden.shape[1], hidden.shape[2], hidden.device)).mean(1)
+        elif hasattr(self, "encoder"):
+            hidden = self.encoder(hidden.unsqueeze(1)).squeeze(1)
         else:
             hidden = hidden + self.mlp(hidden)
         return self.norm(hidden)
@@ -76,13 +79,14 @@ class AudioEncoder(nn.Module):
     """Log-mel frames (B, T, n_mels) with a validity mask -> (B, dim): per-utterance normalisation, a
     strided convolutional front-end (4x fewer frames), Transformer, masked mean."""
 
-    def __init__(self, n_mels: int, dim: int, heads: int, layers: int, dropout: float):
+    def __init__(self, n_mels: int, dim: int, heads: int, layers: int, dropout: float,
+                 backbone: nn.Module | None = None):
         super().__init__()
         self.frontend = nn.Sequential(
             nn.Conv1d(n_mels, dim, kernel_size=5, stride=2, padding=2), nn.GELU(),
             nn.Conv1d(dim, dim, kernel_size=5, stride=2, padding=2), nn.GELU(),
         )
-        self.encoder = transformer(dim, heads, layers, dropout)
+        self.encoder = backbone if backbone is not None else transformer(dim, heads, layers, dropout)
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, mel: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

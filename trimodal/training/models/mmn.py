@@ -125,6 +125,9 @@ class MultimodalMemoryNetwork(nn.Module):
             self._trained_memory = {n: p.detach().clone() for n, p in self.memory_parameters().items()}
         self.test_time_training = True
 
+    def ttt_settings(self) -> dict:
+        return {"k": self.ttt_k, "step": self.ttt_step}
+
     @torch.no_grad()
     def reset_memory(self) -> None:
         """Restore the memory to its trained state and switch test-time writes off."""

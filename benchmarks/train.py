@@ -1,0 +1,109 @@
+"""Training speed: `mm train`'s full path against the same model stepping on one batch already on the device.
+
+    python benchmarks/train.py --config configs/nlmm-tiny.toml --shards SHARDS --features STORE.zarr \
+        [--epochs 3] [--steps 30] [--device auto] [--flickr8k-images 6000] [section.key=value ...]
+
+(a) full path: `trimodal.training.trainer.train` for `--epochs` epochs into a temporary run folder; its
+    steps/s counts only the time inside the training epochs (streaming shards + store through the
+    DataLoader, host→device copies, forward, loss, backward, the family's optimizer step(s), logging),
+    not validation, checkpoints or plots;
+(b) model-only: the same model and optimization built from the same config, one collated batch moved
+    to the device once, then `--steps` timed steps (after 3 warm-up steps) of forward, loss, backward
+    and optimizer step.
+
+Prints `train: X steps/s vs model-only Y steps/s, ratio Z` and the epochs per hour that (a) gives on
+Flickr8k-scale data (`--flickr8k-images` training images, one sample per image per epoch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from trimodal.features.image import resolve_device  # noqa: E402
+from trimodal.training.config import load_config  # noqa: E402
+from trimodal.training.data import TrimodalDataset, open_sources  # noqa: E402
+from trimodal.training.losses import training_loss  # noqa: E402
+from trimodal.training.optimization import make_optimization  # noqa: E402
+from trimodal.training.trainer import build_from_config, max_audio_frames, train  # noqa: E402
+
+
+def full_path(config: Path, shards: Path, features: Path, epochs: int, overrides: list[str]) -> tuple[float, int]:
+    with tempfile.TemporaryDirectory(prefix="trimodal-bench-train-") as folder:
+        result = train(config, shards, features, Path(folder) / "run",
+                       overrides=[*overrides, f"train.epochs={epochs}"])
+    return result.train_steps / result.train_seconds, result.train_steps
+
+
+def model_only(config: Path, shards: Path, features: Path, steps: int, overrides: list[str]) -> float:
+    run = load_config(config, overrides)
+    settings = run.train
+    _, store = open_sources(shards, features, "train")
+    device = resolve_device(settings.device)
+    model, _ = build_from_config(run, store.config)
+    model.to(device).train()
+    dataset = TrimodalDataset(shards, features, "train", modalities=settings.modalities, batch_size=settings.batch_size,
+                              shuffle=True, seed=settings.seed, shuffle_buffer=settings.shuffle_buffer,
+                              max_audio_frames=max_audio_frames(settings), drop_last=True)
+    batch = next(iter(dataset))
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    present = {m: batch[f"{m}_present"] for m in settings.modalities}
+    optimization = make_optimization(model, settings, total_steps=10 * steps)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=settings.amp and device.type == "cuda")
+
+    def one_step(step: int) -> int:
+        with amp:
+            latents = model(batch)
+        loss, _ = training_loss(model, latents, present, settings.loss_weights)
+        loss.backward()
+        return optimization.step(step, loss)
+
+    step = 0
+    for _ in range(3):
+        step = one_step(step)
+    _synchronize(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        step = one_step(step)
+    _synchronize(device)
+    return steps / (time.perf_counter() - started)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--shards", type=Path, required=True)
+    parser.add_argument("--features", type=Path, required=True)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--flickr8k-images", type=int, default=6000)
+    parser.add_argument("overrides", nargs="*", help="section.key=value, as for mm train")
+    args = parser.parse_args()
+    overrides = [f"train.device={args.device}", *args.overrides]
+    batch_size = load_config(args.config, overrides).train.batch_size
+
+    full, steps = full_path(args.config, args.shards, args.features, args.epochs, overrides)
+    alone = model_only(args.config, args.shards, args.features, args.steps, overrides)
+    epochs_per_hour = 3600 * full / (args.flickr8k_images // batch_size)
+    print(f"config: {args.config}, device: {resolve_device(args.device)}, batch {batch_size}, "
+          f"{steps} full-path steps, {args.steps} model-only steps")
+    print(f"train: {full:.2f} steps/s vs model-only {alone:.2f} steps/s, ratio {full / alone:.2f}")
+    print(f"Flickr8k scale ({args.flickr8k_images:,} images, {args.flickr8k_images // batch_size} steps/epoch): "
+          f"{epochs_per_hour:.1f} epochs/hour")
+
+
+if __name__ == "__main__":
+    main()
