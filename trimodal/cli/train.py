@@ -22,6 +22,10 @@ def train(
 ) -> None:
     """Train a retrieval model on the streamed shards + cached features.
 
+    Model families ([model] name): mmn (Multimodal Memory Network), nlmm (Nested-Learning model with a
+    Continuum Memory System and per-level optimizers), dualloop (fusion network with a learned
+    learning-rate controller). Shipped configs: configs/<family>-tiny.toml, configs/<family>-flickr8k.toml.
+
     Example: mm train configs/mmn-tiny.toml --shards shards/mini --features features/mini.zarr --out runs/tiny train.epochs=5
     """
     from trimodal.training.trainer import train as run_train

@@ -52,4 +52,41 @@ def plot_run(run: Path) -> list[Path]:
         figure.savefig(out / "recalls.png", dpi=120)
         plt.close(figure)
         written.append(out / "recalls.png")
+    if train and any(key in train[-1] for key in OPTIMIZATION_PLOTS):
+        written.append(plot_optimization(train, out / "optimization.png"))
     return written
+
+
+# What families log about their own optimization, plotted per step: (record key, series, y label).
+OPTIMIZATION_PLOTS = {
+    "levels": (("change_norm", "‖Δθ‖ of the last update"), ("updates", "updates so far")),
+    "controller": (("lr_multiplier", "learning-rate multiplier"), ("reward", "reward of the last window")),
+}
+
+
+def plot_optimization(train: list[dict], path: Path) -> Path:
+    """`nlmm`'s per-level updates and change norms, or `dualloop`'s controller, against the step."""
+    panels = [(key, series, label) for key, plots in OPTIMIZATION_PLOTS.items() if key in train[-1]
+              for series, label in plots]
+    figure, axes = plt.subplots(len(panels), 1, figsize=(7, 2.6 * len(panels)), sharex=True, squeeze=False)
+    for axis, (key, series, label) in zip(axes[:, 0], panels):
+        records = [r for r in train if key in r]
+        steps = [r["step"] for r in records]
+        values = records[-1][key]
+        if series in values:  # one series (the controller)
+            axis.plot(steps, [_number(r[key][series]) for r in records])
+        else:  # one series per level
+            for name in values:
+                axis.plot(steps, [_number(r[key].get(name, {}).get(series)) for r in records], label=name)
+            axis.legend(fontsize=8)
+        axis.set(ylabel=label)
+        axis.grid(alpha=0.3)
+    axes[-1, 0].set(xlabel="optimizer step")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def _number(value) -> float:
+    return float("nan") if value is None else float(value)

@@ -11,12 +11,12 @@ from torch import nn
 
 
 class CMSLevel(nn.Module):
-    """x + Linear(GELU(Linear(LayerNorm(x)))), 4x wide: one memory level."""
+    """x + Linear(GELU(Linear(LayerNorm(x)))), `ratio` times wide inside: one memory level."""
 
-    def __init__(self, dim: int, dropout: float):
+    def __init__(self, dim: int, dropout: float, ratio: int = 4):
         super().__init__()
-        self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.GELU(), nn.Dropout(dropout),
-                                 nn.Linear(4 * dim, dim), nn.Dropout(dropout))
+        self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, ratio * dim), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(ratio * dim, dim), nn.Dropout(dropout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.mlp(x)
@@ -25,12 +25,12 @@ class CMSLevel(nn.Module):
 class CMSBlock(nn.Module):
     """Pre-norm multi-head self-attention, then the chain of memory levels (fast first)."""
 
-    def __init__(self, dim: int, heads: int, levels: list[str], dropout: float):
+    def __init__(self, dim: int, heads: int, levels: list[str], dropout: float, ratio: int = 4):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.attention = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
         self.dropout = nn.Dropout(dropout)
-        self.levels = nn.ModuleDict({name: CMSLevel(dim, dropout) for name in levels})
+        self.levels = nn.ModuleDict({name: CMSLevel(dim, dropout, ratio) for name in levels})
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         h = self.norm(x)
@@ -44,9 +44,9 @@ class CMSBlock(nn.Module):
 class CMSTransformer(nn.Module):
     """`depth` CMS blocks; called like `nn.TransformerEncoder` so the shared encoders can use it."""
 
-    def __init__(self, dim: int, heads: int, depth: int, levels: list[str], dropout: float):
+    def __init__(self, dim: int, heads: int, depth: int, levels: list[str], dropout: float, ratio: int = 4):
         super().__init__()
-        self.blocks = nn.ModuleList(CMSBlock(dim, heads, levels, dropout) for _ in range(depth))
+        self.blocks = nn.ModuleList(CMSBlock(dim, heads, levels, dropout, ratio) for _ in range(depth))
 
     def forward(self, x: torch.Tensor, src_key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         for block in self.blocks:

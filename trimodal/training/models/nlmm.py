@@ -53,7 +53,7 @@ class LowRankAdapter(nn.Module):
 class NestedLearningModel(nn.Module):
     def __init__(self, *, image_dim: int, image_tokens: bool, image_token_dim: int, vocab_size: int,
                  context_length: int, n_mels: int, model_dim: int, latent_dim: int, heads: int, depth: dict,
-                 shared_depth: int, cms_levels: list[dict], dropout: float, ttt_max_steps: int, ttt_eta: float, adapter_rank: int):
+                 shared_depth: int, mlp_ratio: int, cms_levels: list[dict], dropout: float, ttt_max_steps: int, ttt_eta: float, adapter_rank: int):
         super().__init__()
         self.cms_levels = cms_levels
         self.image_tokens = image_tokens
@@ -61,7 +61,7 @@ class NestedLearningModel(nn.Module):
         names = [level["name"] for level in cms_levels]
 
         def backbone(modality):
-            return CMSTransformer(model_dim, heads, depth[modality], names, dropout)
+            return CMSTransformer(model_dim, heads, depth[modality], names, dropout, mlp_ratio)
 
         self.encoders = nn.ModuleDict({
             "image": ImageEncoder(image_token_dim if image_tokens else image_dim, model_dim, tokens=image_tokens,
@@ -72,7 +72,7 @@ class NestedLearningModel(nn.Module):
         # Blocks shared by every modality (with a type embedding) before the projections: a common
         # memory through which, e.g., speech and images meet what captions learned.
         self.type_embedding = nn.Embedding(len(MODALITIES), model_dim)
-        self.shared = CMSTransformer(model_dim, heads, shared_depth, names, dropout)
+        self.shared = CMSTransformer(model_dim, heads, shared_depth, names, dropout, mlp_ratio)
         self.shared_norm = nn.LayerNorm(model_dim)
         self.projections = nn.ModuleDict({m: nn.Linear(model_dim, latent_dim) for m in MODALITIES})
         self.adapters = nn.ModuleDict({m: LowRankAdapter(model_dim, latent_dim, adapter_rank) for m in MODALITIES})
@@ -167,7 +167,7 @@ def corrupt(modality: str, batch: dict, generator: torch.Generator) -> dict:
 @register_model("nlmm")
 def nlmm(*, image_dim: int = 512, image_tokens: bool = False, image_token_dim: int = 768, vocab_size: int = 49408,
          context_length: int = 77, n_mels: int = 80, model_dim: int = 256, latent_dim: int = 256, heads: int = 4,
-         depth: dict = {"image": 1, "text": 3, "audio": 3}, shared_depth: int = 1, cms_levels: list = DEFAULT_LEVELS,  # noqa: B006 (read only)
+         depth: dict = {"image": 1, "text": 3, "audio": 3}, shared_depth: int = 1, mlp_ratio: int = 4, cms_levels: list = DEFAULT_LEVELS,  # noqa: B006 (read only)
          dropout: float = 0.1, ttt_max_steps: int = 1, ttt_eta: float = 1e-3, adapter_rank: int = 8
          ) -> NestedLearningModel:
     problems = []
@@ -175,8 +175,8 @@ def nlmm(*, image_dim: int = 512, image_tokens: bool = False, image_token_dim: i
         problems.append(f"model_dim ({model_dim}) must be a multiple of heads ({heads})")
     if set(depth) != set(MODALITIES) or any(not isinstance(v, int) or v < 1 for v in depth.values()):
         problems.append(f"depth must give image, text and audio a depth ≥ 1 (got {depth})")
-    if shared_depth < 0:
-        problems.append(f"shared_depth must be ≥ 0 (got {shared_depth})")
+    if shared_depth < 0 or mlp_ratio < 1:
+        problems.append(f"shared_depth must be ≥ 0 and mlp_ratio ≥ 1 (got {shared_depth}, {mlp_ratio})")
     if ttt_max_steps < 0 or ttt_eta <= 0 or adapter_rank < 1:
         problems.append("ttt_max_steps must be ≥ 0, ttt_eta positive and adapter_rank ≥ 1")
     if problems:
@@ -184,5 +184,5 @@ def nlmm(*, image_dim: int = 512, image_tokens: bool = False, image_token_dim: i
     return NestedLearningModel(
         image_dim=image_dim, image_tokens=image_tokens, image_token_dim=image_token_dim, vocab_size=vocab_size,
         context_length=context_length, n_mels=n_mels, model_dim=model_dim, latent_dim=latent_dim, heads=heads,
-        depth=dict(depth), shared_depth=shared_depth, cms_levels=check_levels(cms_levels), dropout=dropout, ttt_max_steps=ttt_max_steps,
+        depth=dict(depth), shared_depth=shared_depth, mlp_ratio=mlp_ratio, cms_levels=check_levels(cms_levels), dropout=dropout, ttt_max_steps=ttt_max_steps,
         ttt_eta=ttt_eta, adapter_rank=adapter_rank)
