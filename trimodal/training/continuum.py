@@ -100,6 +100,7 @@ class ContinuumOptimization(Optimization):
             for parameter, total in zip(level.parameters, level.sums):
                 if parameter.grad is not None:
                     total.add_(parameter.grad)
+                    parameter.grad = None  # the main optimizer does not clear it: the next backward starts afresh
             level.pending += 1
             if step % level.period == 0:
                 self._update(level, level.lr * scale)

@@ -52,4 +52,4 @@ def family_has(attribute: str) -> list[str]:
 
 
 def _load_families() -> None:
-    from trimodal.training.models import mmn, nlmm  # noqa: F401  (each registers itself)
+    from trimodal.training.models import dualloop, mmn, nlmm  # noqa: F401  (each registers itself)
