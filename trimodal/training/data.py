@@ -18,6 +18,8 @@ each visit of an image picks one of its (caption, utterance) pairs at random, se
 
 from __future__ import annotations
 
+import multiprocessing
+
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,7 +131,9 @@ class TrimodalDataset(IterableDataset):
             raise ConfigError(f"modalities must be a non-empty subset of {MODALITIES} (got {list(modalities)})")
         self.shards, self.features, self.split = Path(shards), Path(features), split
         self.modalities = tuple(m for m in MODALITIES if m in modalities)
-        self.batch_size, self.shuffle, self.seed, self.epoch = batch_size, shuffle, seed, epoch
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        # Shared with loader workers, so that persistent workers see set_epoch() of the main process.
+        self._epoch = multiprocessing.Value("q", epoch, lock=False)
         self.shuffle_buffer, self.max_audio_frames, self.drop_last = shuffle_buffer, max_audio_frames, drop_last
         self.rank, self.world_size = rank, world_size
         index, store = open_sources(self.shards, self.features, split)
@@ -140,8 +144,13 @@ class TrimodalDataset(IterableDataset):
             raise ConfigError(f"{features} has no image embeddings; run `mm featurize` with --image")
         self._text_spec = (store.config.get("text") or {}).get("tokenizer", "open_clip:ViT-B-32")
 
+    @property
+    def epoch(self) -> int:
+        return self._epoch.value
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        """Call before iterating an epoch; loader workers, persistent ones included, follow."""
+        self._epoch.value = epoch
 
     def _position(self) -> tuple[int, int, int, int]:
         rank, world = self.rank, self.world_size

@@ -125,7 +125,12 @@ def train(config_path: Path, shards: Path, features: Path, out: Path, *, resume:
         raise ConfigError(f"the training split has {dataset.samples} samples, too few for full batches of "
                           f"{settings.batch_size} on each of {max(1, settings.num_workers)} loader worker(s); "
                           "lower train.batch_size or train.num_workers")
-    loader = DataLoader(dataset, batch_size=None, num_workers=settings.num_workers, pin_memory=device.type == "cuda")
+    # Persistent workers: no new processes (and store opening) every epoch; they follow set_epoch(). The
+    # loader draws its worker seeds from its own generator, not the global RNG that dropout uses, so a
+    # resumed run (a new loader) continues the same random stream as an uninterrupted one.
+    loader = DataLoader(dataset, batch_size=None, num_workers=settings.num_workers, pin_memory=device.type == "cuda",
+                        persistent_workers=settings.num_workers > 0,
+                        generator=torch.Generator().manual_seed(settings.seed))
     val_data = None
     if settings.val_split in store.splits():
         val_data = load_split(shards, features, settings.val_split, settings.modalities, max_audio_frames(settings))
