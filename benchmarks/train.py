@@ -95,8 +95,10 @@ def main() -> None:
     overrides = [f"train.device={args.device}", *args.overrides]
     batch_size = load_config(args.config, overrides).train.batch_size
 
-    full, steps = full_path(args.config, args.shards, args.features, args.epochs, overrides)
+    # Model-only first: it also pays torch's one-time lazy imports (the first optimizer step of a
+    # process loads torch's compiler modules, seconds on a CPU) that would otherwise land in (a).
     alone = model_only(args.config, args.shards, args.features, args.steps, overrides)
+    full, steps = full_path(args.config, args.shards, args.features, args.epochs, overrides)
     epochs_per_hour = 3600 * full / (args.flickr8k_images // batch_size)
     print(f"config: {args.config}, device: {resolve_device(args.device)}, batch {batch_size}, "
           f"{steps} full-path steps, {args.steps} model-only steps")
