@@ -54,15 +54,10 @@ class DMGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         for group in self.param_groups:
             lr, alpha, weight_decay = group["lr"], group["alpha"], group["weight_decay"]
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
+            for param in _with_gradients(group):
                 state = self.state[param]
                 if not state:
                     state["momentum"] = torch.zeros_like(param)
@@ -89,6 +84,19 @@ class DMGD(torch.optim.Optimizer):
         memory_out.mul_(alpha).add_(grad_out, alpha=-(1 - alpha))
         memory_in.mul_(alpha).add_(grad_in, alpha=-(1 - alpha))
         return momentum + (memory_out * torch.tanh(memory_in * key)).sum(dim=0)
+
+
+def _evaluate(closure):
+    """The closure's loss, computed with gradients on (torch's optimizer contract), or None."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+def _with_gradients(group: dict):
+    """The group's parameters that have a gradient this step."""
+    return (param for param in group["params"] if param.grad is not None)
 
 
 def newton_schulz(matrix: torch.Tensor, steps: int) -> torch.Tensor:
@@ -167,16 +175,11 @@ class M3(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         for group in self.param_groups:
             lr, alpha, ns_steps = group["lr"], group["alpha"], group["ns_steps"]
             fast_beta, second_beta, slow_beta = group["betas"]
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
+            for param in _with_gradients(group):
                 grad = param.grad
                 state = self.state[param]
                 if not state:

@@ -28,7 +28,7 @@ from trimodal.training.controller import ControlledOptimization, LearningRateCon
 from trimodal.training.losses import clip_loss, multimodal_infonce
 from trimodal.training.models import register_model
 from trimodal.training.models.encoders import (AudioEncoder, ImageEncoder, TextEncoder, masked_mean,
-                                                sinusoidal_positions, transformer)
+                                                run_encoder, sinusoidal_positions, transformer)
 from trimodal.training.models.mmn import MODALITIES, EmptyInputError
 
 FUSIONS = ("early", "late", "cross")
@@ -189,12 +189,7 @@ class DualLoopModel(nn.Module):
 
     def tokens(self, modality: str, batch: dict) -> Tokens:
         """A modality's tagged tokens; rows whose `<modality>_present` is False have no valid token."""
-        if modality == "image":
-            hidden, mask = self.encoders["image"](batch["image_tokens"] if self.image_tokens else batch["image"])
-        elif modality == "text":
-            hidden, mask = self.encoders["text"](batch["text"])
-        else:
-            hidden, mask = self.encoders["audio"](batch["audio"], batch["audio_mask"])
+        hidden, mask = run_encoder(self.encoders, modality, batch, self.image_tokens)
         present = batch.get(f"{modality}_present")
         if present is not None:
             mask = mask & present.to(mask.device).unsqueeze(1)

@@ -101,3 +101,13 @@ class AudioEncoder(nn.Module):
         hidden = hidden + sinusoidal_positions(hidden.shape[1], hidden.shape[2], hidden.device)
         hidden = self.encoder(hidden, src_key_padding_mask=~mask)
         return self.norm(masked_mean(hidden, mask))
+
+
+def run_encoder(encoders: nn.ModuleDict, modality: str, batch: dict, image_tokens: bool = False):
+    """`encoders[modality]` on its inputs in `batch`: image embeddings (or patch tokens), caption token
+    ids, or mels with their mask. Shared by the model families."""
+    if modality == "image":
+        return encoders["image"](batch["image_tokens"] if image_tokens else batch["image"])
+    if modality == "text":
+        return encoders["text"](batch["text"])
+    return encoders["audio"](batch["audio"], batch["audio_mask"])

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trimodal.training.models import register_model
-from trimodal.training.models.encoders import AudioEncoder, ImageEncoder, TextEncoder
+from trimodal.training.models.encoders import AudioEncoder, ImageEncoder, TextEncoder, run_encoder
 
 MODALITIES = ("image", "text", "audio")
 
@@ -88,12 +88,7 @@ class MultimodalMemoryNetwork(nn.Module):
 
     def encode(self, modality: str, batch: dict) -> torch.Tensor:
         """Unit-length latents (B, latent_dim) for one modality of `batch`."""
-        if modality == "image":
-            state = self.encoders["image"](batch["image_tokens"] if self.image_tokens else batch["image"])
-        elif modality == "text":
-            state = self.encoders["text"](batch["text"])
-        else:
-            state = self.encoders["audio"](batch["audio"], batch["audio_mask"])
+        state = run_encoder(self.encoders, modality, batch, self.image_tokens)
         state = state + self.type_embedding.weight[MODALITIES.index(modality)]
         adapting = self.test_time_training and not self.training
         if adapting:

@@ -27,7 +27,7 @@ from trimodal.training.continuum import ContinuumOptimization, check_levels
 from trimodal.training.losses import clip_loss
 from trimodal.training.models import register_model
 from trimodal.training.models.cms import CMSTransformer, level_parameters
-from trimodal.training.models.encoders import AudioEncoder, ImageEncoder, TextEncoder
+from trimodal.training.models.encoders import AudioEncoder, ImageEncoder, TextEncoder, run_encoder
 from trimodal.training.models.mmn import MODALITIES, EmptyInputError
 
 DEFAULT_LEVELS = [{"name": "fast", "chunk_size": 1, "lr": 2e-4, "optimizer": "dmgd"},
@@ -79,12 +79,7 @@ class NestedLearningModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def state(self, modality: str, batch: dict) -> torch.Tensor:
-        if modality == "image":
-            state = self.encoders["image"](batch["image_tokens"] if self.image_tokens else batch["image"])
-        elif modality == "text":
-            state = self.encoders["text"](batch["text"])
-        else:
-            state = self.encoders["audio"](batch["audio"], batch["audio_mask"])
+        state = run_encoder(self.encoders, modality, batch, self.image_tokens)
         state = state + self.type_embedding.weight[MODALITIES.index(modality)]
         return self.shared_norm(self.shared(state.unsqueeze(1)).squeeze(1))
 
