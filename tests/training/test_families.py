@@ -66,3 +66,12 @@ def test_ttt_on_a_family_without_it_names_the_ones_with_it(tmp_path):
     model = build_model("dualloop", model_dim=32, latent_dim=16, image_dim=8, vocab_size=50, context_length=8, n_mels=8)
     with pytest.raises(ConfigError, match="'dualloop' has no test-time training; --ttt works for mmn, nlmm"):
         check_ttt_options(model, "dualloop", None, None)
+
+
+def test_a_bad_model_setting_stops_before_the_run_folder_exists(mini_shards, mini_features, tmp_path):
+    from trimodal.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="fusion must be one of early, late, cross"):
+        train(shipped_config("dualloop-tiny"), mini_shards, mini_features, tmp_path / "run",
+              overrides=['model.fusion="mid"'])
+    assert not (tmp_path / "run").exists()

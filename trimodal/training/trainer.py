@@ -111,11 +111,12 @@ def train(config_path: Path, shards: Path, features: Path, out: Path, *, resume:
     index, store = open_sources(shards, features, "train")
     if settings.num_workers > 0:  # before the run folder exists: a rerun after the fix starts clean
         check_shared_memory(batch_bytes(settings, store.config))
-    prepare_run_dir(run, resume=resume, overwrite=overwrite)
     device = resolve_device(settings.device)
     _seed_everything(settings.seed)
-
+    # Built before the run folder is touched: a bad model setting leaves no folder (and --overwrite
+    # does not delete the previous run for nothing).
     model, model_settings = build_from_config(config, store.config)
+    prepare_run_dir(run, resume=resume, overwrite=overwrite)
     model.to(device)
     parameters = sum(p.numel() for p in model.parameters())
     dataset = TrimodalDataset(shards, features, "train", modalities=settings.modalities, batch_size=settings.batch_size,
