@@ -24,7 +24,9 @@ def train(
 
     Model families ([model] name): mmn (Multimodal Memory Network), nlmm (Nested-Learning model with a
     Continuum Memory System and per-level optimizers), dualloop (fusion network with a learned
-    learning-rate controller). Shipped configs: configs/<family>-tiny.toml, configs/<family>-flickr8k.toml.
+    learning-rate controller), cman (frozen pretrained towers with LoRA, a fusion transformer, max-margin
+    loss; its configs' first line names the featurize options it needs). Shipped configs:
+    configs/<family>-tiny.toml, configs/<family>-flickr8k.toml.
 
     Example: mm train configs/mmn-tiny.toml --shards shards/mini --features features/mini.zarr --out runs/tiny train.epochs=5
     """
@@ -32,8 +34,9 @@ def train(
 
     with reporter() as progress:
         result = run_train(config, shards, features, out, resume=resume, overwrite=overwrite,
-                           overrides=overrides or [], reporter=progress)
-    say(f"model: {result.parameters:,} parameters, trained on {result.device}")
+                           overrides=overrides or [], reporter=progress,
+                           on_model=lambda total, trainable, device: say(_parameters_line(total, trainable, device)))
+    say(_parameters_line(result.parameters, result.trainable_parameters, result.device, trained=True))
     if result.last_val:
         console.print(recall_table(result.last_val["directions"], title=f"validation, last epoch ({out})"))
     if result.best_mean_recall is not None:
@@ -41,3 +44,9 @@ def train(
             f"checkpoints in {out / 'checkpoints'}, plots in {out / 'plots'}")
     else:
         say(f"no validation split in the store: best = last; checkpoints in {out / 'checkpoints'}")
+
+
+def _parameters_line(total: int, trainable: int, device: str, trained: bool = False) -> str:
+    share = f" ({trainable / total:.2%})" if total else ""
+    return (f"model: {total:,} parameters, {trainable:,} trainable{share}, "
+            f"{'trained' if trained else 'training'} on {device}")

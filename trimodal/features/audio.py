@@ -51,7 +51,8 @@ AUDIO_FEATURES = {"mel80": MelConfig()}
 
 def mel_config(name: str) -> MelConfig:
     if name not in AUDIO_FEATURES:
-        raise TrimodalError(f"unknown audio feature {name!r}; known: {', '.join(AUDIO_FEATURES)}")
+        raise TrimodalError(f"unknown audio feature {name!r}; known: {', '.join(AUDIO_FEATURES)}, "
+                            "torchaudio:<HUBERT_BASE|WAV2VEC2_BASE|WAVLM_BASE>[:<weights>][:layer=N]")
     return AUDIO_FEATURES[name]
 
 
@@ -75,6 +76,15 @@ class MelExtractor:
             hop_length=config.hop_length, f_min=config.f_min, f_max=config.f_max, n_mels=config.n_mels,
             power=config.power, center=config.center, mel_scale=config.mel_scale, norm=None,
         ).to(self.device)
+
+    @property
+    def frame_dim(self) -> int:
+        return self.config.n_mels
+
+    random_init = False
+
+    def attrs(self) -> dict:
+        return self.config.attrs()
 
     def resample(self, samples: np.ndarray, rate: int) -> torch.Tensor:
         """The waveform on the extractor's device, at the configured rate (resampled there)."""
@@ -116,3 +126,13 @@ class MelExtractor:
     def from_bytes(self, blobs: list[bytes], batch_size: int = 32) -> list[np.ndarray]:
         """Decode, resample and featurise wav bytes."""
         return self.batched([self.resample(*decode_wav(blob)) for blob in blobs], batch_size)
+
+
+def make_audio_extractor(spec: str, device: torch.device):
+    """The extractor an `--audio` value names: mel80 (log-mels) or torchaudio:<tower>[:<weights>][:layer=N]."""
+    if spec.startswith("torchaudio:"):
+        from trimodal.features.speech import make_speech_extractor
+
+        return make_speech_extractor(spec, device)
+    return MelExtractor(mel_config(spec), device)
+

@@ -18,12 +18,12 @@ import numpy as np
 import torch
 
 from trimodal.errors import ConfigError, ShardError, TrimodalError
-from trimodal.features.audio import MelExtractor, decode_wav, mel_config
+from trimodal.features.audio import decode_wav, make_audio_extractor
 from trimodal.features.decode import device_pixels
 from trimodal.features.image import make_image_extractor, resolve_device
 from trimodal.features.overlap import Ahead, Behind
 from trimodal.features.store import FeatureStore, ShardFeatures, ShardSlot, StaleCacheError, config_differences, plan_layout
-from trimodal.features.text import OpenClipTokenizer
+from trimodal.features.text import make_text_extractors
 from trimodal.pipeline.samples import SPLITS
 from trimodal.pipeline.shard import read_index
 from trimodal.pipeline.stream import ShardContents, index_fingerprint, offsets, read_shard
@@ -38,7 +38,8 @@ class FeaturizeOptions:
     audio: str | None = "mel80"
     image: str | None = "auto"  # see make_image_extractor
     image_tokens: bool = False
-    text: str | None = "open_clip:ViT-B-32"
+    text: str | None = "auto"  # see make_text_extractors
+    text_tokens: bool = False
     splits: tuple[str, ...] | None = None
     device: str = "auto"
     batch_size: int = 64
@@ -56,16 +57,18 @@ class FeaturizeSummary:
     captions: int = 0
     utterances: int = 0
     frames: int = 0
-    random_init: bool = False
+    random_init: bool = False  # the image tower
+    random_towers: list[str] = field(default_factory=list)  # every tower running with random weights
     config: dict = field(default_factory=dict)
 
 
 class _Extractors:
     def __init__(self, options: FeaturizeOptions, index: dict, shards: Path, device: torch.device):
-        self.mel = MelExtractor(mel_config(options.audio), device) if options.audio and "audio" in index.get("modalities", []) else None
+        has_audio = options.audio and "audio" in index.get("modalities", [])
+        self.mel = make_audio_extractor(options.audio, device) if has_audio else None  # log-mels or a speech tower
         self.image = make_image_extractor(options.image, device, tokens=options.image_tokens, index=index,
                                           shards=shards)
-        self.text = OpenClipTokenizer(options.text) if options.text else None
+        self.text, self.text_tower = make_text_extractors(options.text, device, tokens=options.text_tokens)
         # On CUDA the reader thread decodes and crops jpgs on the device; elsewhere PIL on the pool.
         self.device_pixels = device_pixels(self.image, device)
 
@@ -74,9 +77,16 @@ class _Extractors:
         return bool(self.image and self.image.needs_pixels)
 
     def config(self) -> dict:
-        return {"image": self.image.attrs() if self.image else None,
-                "text": self.text.attrs() if self.text else None,
-                "audio": self.mel.config.attrs() if self.mel else None}
+        text = self.text.attrs() if self.text else None
+        if self.text_tower:
+            text["tower"] = self.text_tower.attrs()
+        return {"image": self.image.attrs() if self.image else None, "text": text,
+                "audio": self.mel.attrs() if self.mel else None}
+
+    def random_towers(self) -> list[str]:
+        towers = {"image": self.image, "text": self.text_tower, "speech": self.mel}
+        return [f"{kind} tower {tower.spec}" for kind, tower in towers.items()
+                if tower is not None and getattr(tower, "random_init", False)]
 
     def dims(self) -> dict:
         dims = {}
@@ -86,6 +96,9 @@ class _Extractors:
                 dims["image_tokens"] = self.image.token_shape()
         if self.text:
             dims["context_length"] = self.text.context_length
+        if self.text_tower:
+            dims["text_dim"] = self.text_tower.embed_dim
+            dims["text_states"] = self.text_tower.token_shape()
         return dims
 
 
@@ -120,7 +133,7 @@ def featurize(shards: Path, store_path: Path, options: FeaturizeOptions = Featur
         shutil.rmtree(store_path, ignore_errors=True)
         raise TrimodalError(f"cannot create the feature store {store_path}: {error.strerror or error}") from error
     summary = FeaturizeSummary(store_path, str(device), random_init=bool(extractors.image and extractors.image.random_init),
-                               config=config)
+                               random_towers=extractors.random_towers(), config=config)
     slots = list(store.slots.values())
     summary.shards_skipped = [slot.name for slot in slots if slot.done]
     todo = [slot for slot in slots if not slot.done][:stop_after]
@@ -211,12 +224,14 @@ def _featurize_shard(shard: _ReadShard, extractors: _Extractors, batch_size: int
         features.tokens = extractors.text(contents.captions)
         features.caption_ids = np.asarray(contents.caption_ids, dtype=np.int32)
         features.caption_offsets = offsets(contents.caption_counts)
+        if extractors.text_tower:
+            features.text_embedding, features.text_states = extractors.text_tower(features.tokens, batch_size)
     if extractors.mel:
         mels = _mel_features(contents.wavs, extractors.mel, batch_size, pool,
                              lambda n: advance(share * n / len(contents.wavs)))
         if not contents.wavs:
             advance(share)
-        features.mel = np.concatenate(mels) if mels else np.zeros((0, extractors.mel.config.n_mels), np.float16)
+        features.mel = np.concatenate(mels) if mels else np.zeros((0, extractors.mel.frame_dim), np.float16)
         features.frame_offsets = offsets([len(m) for m in mels])
         features.utterance_offsets = offsets(contents.wav_counts)
         features.utterance_caption_ids = np.asarray(contents.wav_caption_ids, dtype=np.int32)
@@ -262,9 +277,9 @@ def _pil_batches(blobs: list[bytes], image, batch_size: int, pool: ThreadPoolExe
         yield pixels
 
 
-def _mel_features(wavs: list[bytes], mel: MelExtractor, batch_size: int, pool: ThreadPoolExecutor,
+def _mel_features(wavs: list[bytes], mel, batch_size: int, pool: ThreadPoolExecutor,
                   advance) -> list[np.ndarray]:
-    """float16 log-mels of every utterance, in order."""
+    """float16 audio frames (log-mels, or a speech tower's states) of every utterance, in order."""
     load = lambda blob: mel.resample(*decode_wav(blob))  # noqa: E731  (moved to the mel device there)
     # Decoded waveforms are float32 (twice their wav bytes), so a shard is decoded a window at a time;
     # the pool decodes the next window while this one is featurised.

@@ -36,9 +36,11 @@ class EncoderSpec:
     family: str
     model: str
     weights: str | None = None
+    layer: int | None = None  # `:layer=L`: states after block L (partial caching; 0 = the stem's output)
 
     def __str__(self) -> str:
-        return ":".join(part for part in (self.family, self.model, self.weights) if part)
+        parts = [part for part in (self.family, self.model, self.weights) if part]
+        return ":".join(parts + ([f"layer={self.layer}"] if self.layer is not None else []))
 
     @property
     def weights_is_file(self) -> bool:
@@ -102,12 +104,26 @@ def image_families() -> list[str]:
     return list(_FAMILIES)
 
 
-def parse_encoder(spec: str) -> EncoderSpec:
-    parts = spec.split(":", 2)
-    if len(parts) < 2 or parts[0] not in _FAMILIES or not parts[1]:
-        raise ConfigError(f"encoder {spec!r} is not open_clip:<model>[:<pretrained tag or weights file>] "
-                          "or timm:<model>[:<weights file>]")
-    return EncoderSpec(parts[0], parts[1], parts[2] if len(parts) == 3 and parts[2] else None)
+def parse_encoder(spec: str, families=None) -> EncoderSpec:
+    """`<family>:<model>[:<weights>][:layer=L]`, the family one of `families` (default: the image families)."""
+    families = _FAMILIES if families is None else families
+    parts = spec.split(":")
+    options = {}
+    while len(parts) > 2 and "=" in parts[-1] and "/" not in parts[-1]:
+        key, _, value = parts.pop().partition("=")
+        options[key] = value
+    usage = " or ".join(f"{family}:<model>[:<weights>][:layer=L]" for family in families)
+    if len(parts) < 2 or parts[0] not in families or not parts[1]:
+        raise ConfigError(f"encoder {spec!r} is not {usage}")
+    unknown = sorted(set(options) - {"layer"})
+    if unknown:
+        raise ConfigError(f"encoder {spec!r}: unknown option {', '.join(unknown)} (the one option is layer=L)")
+    layer = None
+    if "layer" in options:
+        if not options["layer"].isdigit():
+            raise ConfigError(f"encoder {spec!r}: layer must be a block number (0 = the stem's output)")
+        layer = int(options["layer"])
+    return EncoderSpec(parts[0], parts[1], ":".join(parts[2:]) or None, layer)
 
 
 def make_image_extractor(spec: str | None, device: torch.device, *, tokens: bool = False, index: dict | None = None,
@@ -196,6 +212,15 @@ def seeded(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
         return build()
 
 
+def layer_cut(cut, spec: EncoderSpec, tokens: bool):
+    """`cut` checked for `spec.layer`: partial caching stores the states after that block as the tokens."""
+    if not tokens:
+        raise ConfigError(f"{spec}: layer={spec.layer} says where the tokens are taken; add --image-tokens")
+    if spec.layer > cut.depth:
+        raise ConfigError(f"{spec}: the tower has {cut.depth} blocks, so layer must be 0..{cut.depth}")
+    return cut
+
+
 class ImageTower:
     """What open_clip and timm towers share: PIL preprocessing, bf16 autocast on CUDA, numpy out.
 
@@ -219,6 +244,20 @@ class ImageTower:
 
     def _forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
+
+    cut = None  # a TowerCut when `spec.layer` asks for the states after a block
+
+    def cut_forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pooled output of the whole tower and the states after block `spec.layer` on the way."""
+        states, context = self.cut.embed(pixels)
+        states = self.cut.run_blocks(states, context, 0, self.spec.layer)
+        return self.cut.head(self.cut.run_blocks(states, context, self.spec.layer), context), states
+
+    def layer_attrs(self) -> dict:
+        if self.cut is None:
+            return {}
+        return {"layer": self.spec.layer, "depth": self.cut.depth,
+                "tokens_are": f"the residual stream after block {self.spec.layer} of {self.cut.depth}, class token first"}
 
     def pixels(self, blobs: list[bytes]) -> torch.Tensor:
         try:

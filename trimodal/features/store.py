@@ -8,7 +8,10 @@ Layout (N images, C captions, U utterances, F mel frames, all in shard order):
     text/tokens             (C, 77) int32      tokenizer ids, 0-padded
     text/caption_offsets    (N+1,)  int64      captions of row i are [offsets[i], offsets[i+1])
     text/caption_ids        (C,)    int32      the dataset's caption number
+    text/embedding          (C, D)  float16    a text tower's pooled output (with --text open_clip:…)
+    text/states             (C, 77, W) float16 its token states after a block (with --text-tokens)
     audio/mel               (F, 80) float16    log-mel frames, utterances back to back
+      or audio/frames       (F, W)  float16    a speech tower's states after a layer (--audio torchaudio:…)
     audio/frame_offsets     (U+1,)  int64
     audio/utterance_offsets (N+1,)  int64
     audio/caption_ids       (U,)    int32      which caption each utterance speaks
@@ -67,10 +70,19 @@ class ShardFeatures:
     caption_offsets: np.ndarray | None = None
     tokens: np.ndarray | None = None
     caption_ids: np.ndarray | None = None
+    text_embedding: np.ndarray | None = None
+    text_states: np.ndarray | None = None
     utterance_offsets: np.ndarray | None = None
     frame_offsets: np.ndarray | None = None
-    mel: np.ndarray | None = None
+    mel: np.ndarray | None = None  # audio frames: log-mels, or a speech tower's states (see `audio_layout`)
     utterance_caption_ids: np.ndarray | None = None
+
+
+def audio_layout(attrs: dict) -> tuple[str, int, int]:
+    """(store array, frame width, frames per second) of the audio features an extractor's attrs describe."""
+    if "n_mels" in attrs:
+        return "audio/mel", int(attrs["n_mels"]), int(attrs["sample_rate"]) // int(attrs["hop_length"])
+    return "audio/frames", int(attrs["frame_dim"]), int(attrs["frame_rate"])
 
 
 def plan_layout(index: dict, splits: list[str]) -> list[ShardSlot]:
@@ -157,8 +169,14 @@ class FeatureStore:
             array("text/tokens", (captions, dims["context_length"]), "int32", 16384)
             array("text/caption_offsets", (rows + 1,), "int64", 65536)
             array("text/caption_ids", (captions,), "int32", 65536)
+            tower = config["text"].get("tower")
+            if tower:
+                array("text/embedding", (captions, dims["text_dim"]), "float16", 4096)
+                if tower.get("tokens"):
+                    array("text/states", (captions, *dims["text_states"]), "float16", 64)
         if config.get("audio"):
-            array("audio/mel", (0, config["audio"]["n_mels"]), "float16", 32768, growing=True)
+            name, width, _ = audio_layout(config["audio"])
+            array(name, (0, width), "float16", 32768, growing=True)
             array("audio/frame_offsets", (utterances + 1,), "int64", 65536)
             array("audio/utterance_offsets", (rows + 1,), "int64", 65536)
             array("audio/caption_ids", (utterances,), "int32", 65536)
@@ -187,6 +205,10 @@ class FeatureStore:
     def has(self, modality: str) -> bool:
         return bool(self.config.get(modality))
 
+    @property
+    def audio_array(self) -> str | None:
+        return audio_layout(self.config["audio"])[0] if self.has("audio") else None
+
     def splits(self) -> list[str]:
         return list(dict.fromkeys(slot.split for slot in self.slots.values()))
 
@@ -214,9 +236,13 @@ class FeatureStore:
             group["text/tokens"][c0:c1] = features.tokens
             group["text/caption_ids"][c0:c1] = features.caption_ids
             group["text/caption_offsets"][r0 + 1 : r1 + 1] = c0 + features.caption_offsets[1:]
+        if "text/embedding" in group:
+            group["text/embedding"][c0:c1] = features.text_embedding.astype(np.float16)
+        if "text/states" in group:
+            group["text/states"][c0:c1] = features.text_states.astype(np.float16)
         frames = None
-        if "audio/mel" in group:
-            mel = group["audio/mel"]
+        if self.audio_array:
+            mel = group[self.audio_array]
             f0 = int(group.attrs["frames_committed"])
             f1 = f0 + len(features.mel)
             mel.resize((f1, mel.shape[1]))  # also drops frames an interrupted run left beyond f0
@@ -233,7 +259,7 @@ class FeatureStore:
     # -- reading ----------------------------------------------------------------------------------
 
     def read_shard(self, name: str, *, image: bool = True, image_tokens: bool = False, text: bool = True,
-                   audio: bool = True) -> ShardFeatures:
+                   text_embedding: bool = False, text_states: bool = False, audio: bool = True) -> ShardFeatures:
         """One shard's features, one slice per array."""
         slot = self.slots.get(name)
         if slot is None:
@@ -253,14 +279,18 @@ class FeatureStore:
             out.caption_offsets = offsets - c0
             out.tokens = group["text/tokens"][c0:c1]
             out.caption_ids = group["text/caption_ids"][c0:c1]
-        if audio and "audio/mel" in group:
+            if text_embedding and "text/embedding" in group:
+                out.text_embedding = group["text/embedding"][c0:c1]
+            if text_states and "text/states" in group:
+                out.text_states = group["text/states"][c0:c1]
+        if audio and self.audio_array:
             offsets = group["audio/utterance_offsets"][r0 : r1 + 1]
             u0, u1 = int(offsets[0]), int(offsets[-1])
             out.utterance_offsets = offsets - u0
             frame_offsets = group["audio/frame_offsets"][u0 : u1 + 1]
             f0, f1 = int(frame_offsets[0]), int(frame_offsets[-1])
             out.frame_offsets = frame_offsets - f0
-            out.mel = group["audio/mel"][f0:f1]
+            out.mel = group[self.audio_array][f0:f1]
             out.utterance_caption_ids = group["audio/caption_ids"][u0:u1]
         return out
 

@@ -20,7 +20,8 @@ import torch
 
 from trimodal.errors import ConfigError
 from trimodal.features.image import (RANDOM_INIT_SEED, EncoderSpec, ImagePreprocess, ImageTower, file_sha256,
-                                     load_state_dict, seeded)
+                                     layer_cut, load_state_dict, seeded)
+from trimodal.features.towers import TimmVitCut
 
 INPUT_SIZE = 224
 RESIZE_SHORTEST = 256  # HF's dinov2 processor: crop_size 224 from shortest_edge 256
@@ -45,6 +46,7 @@ class TimmImageEncoder(ImageTower):
             resize=RESIZE_SHORTEST, crop=self.input_size, mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
             std=tuple(cfg.get("std", (0.229, 0.224, 0.225))), interpolation="bicubic", crop_offset="floor")
         self.transform = _pil_transform(self.device_preprocess)
+        self.cut = layer_cut(TimmVitCut(self.model), spec, tokens) if spec.layer is not None else None
 
     def _build(self, timm, name: str, pretrained: bool = False):
         try:
@@ -92,9 +94,11 @@ class TimmImageEncoder(ImageTower):
                 "random_init": self.random_init,
                 "random_init_seed": RANDOM_INIT_SEED if self.random_init else None, "embed_dim": self.embed_dim,
                 "tokens": self.tokens, "pooling": "CLS token after the final LayerNorm (HF pooler_output)",
-                "img_size": INPUT_SIZE, "preprocess": self.device_preprocess.attrs()}
+                "img_size": INPUT_SIZE, "preprocess": self.device_preprocess.attrs(), **self.layer_attrs()}
 
     def _forward(self, pixels: torch.Tensor):
+        if self.cut is not None:
+            return self.cut_forward(pixels)
         features = self.model.forward_features(pixels)
         pooled = self.model.forward_head(features)
         return pooled, (features[:, self.model.num_prefix_tokens :] if self.tokens else None)

@@ -34,15 +34,34 @@ from trimodal.pipeline.shard import read_index
 from trimodal.pipeline.stream import index_fingerprint, offsets, read_shard, shard_order, split_shards
 
 MODALITIES = ("image", "text", "audio")
+# What a model reads of each modality from the store (`model_inputs`): image "embedding" (pooled) or
+# "tokens" (image/tokens); text "ids" always, plus "embedding" (text/embedding) or "states" (text/states).
+DEFAULT_INPUTS = {"image": "embedding", "text": "ids"}
+_FEATURIZE_HINT = {("image", "tokens"): "--image-tokens", ("text", "embedding"): "--text open_clip:<model>",
+                   ("text", "states"): "--text open_clip:<model>:layer=L --text-tokens"}
 
 
 @dataclass
 class Item:
     key: str
-    image: np.ndarray | None = None
-    tokens: np.ndarray | None = None
-    mel: np.ndarray | None = None
+    image: np.ndarray | None = None  # the pooled embedding (D,) or the tokens (T, W), as the model reads
+    tokens: np.ndarray | None = None  # caption token ids
+    text_features: np.ndarray | None = None  # the caption's tower embedding (D,) or token states (L, W)
+    mel: np.ndarray | None = None  # audio frames
     caption_id: int = -1
+
+
+def check_inputs(store: FeatureStore, inputs: dict, where: Path) -> dict:
+    """`DEFAULT_INPUTS` updated by `inputs`, each one checked to be in the store."""
+    inputs = {**DEFAULT_INPUTS, **(inputs or {})}
+    arrays = {("image", "tokens"): "image/tokens", ("text", "embedding"): "text/embedding",
+              ("text", "states"): "text/states"}
+    for modality, kind in inputs.items():
+        array = arrays.get((modality, kind))
+        if array and array not in store.group:
+            raise ConfigError(f"the model reads {modality} {kind}, but {where} has no {array}; run `mm featurize` "
+                              f"with {_FEATURIZE_HINT[(modality, kind)]} (see the config's `# featurize:` line)")
+    return inputs
 
 
 def open_sources(shards: Path, features: Path, split: str) -> tuple[dict, FeatureStore]:
@@ -95,18 +114,22 @@ def collate(items: Sequence[Item], modalities: Sequence[str]) -> dict:
     batch: dict = {"keys": [item.key for item in items],
                    "caption_id": torch.tensor([item.caption_id for item in items], dtype=torch.long)}
     if "image" in modalities:
-        reference = next((i.image for i in items if i.image is not None), None)
-        shape = reference.shape if reference is not None else (1,)
-        batch["image"] = torch.from_numpy(np.stack([
-            i.image.astype(np.float32) if i.image is not None else np.zeros(shape, np.float32) for i in items]))
+        images = _stack([i.image for i in items])
+        # Pooled embeddings are "image"; patch tokens or a tower's states after a block, "image_tokens".
+        batch["image" if images.ndim == 2 else "image_tokens"] = images
         batch["image_present"] = torch.tensor([i.image is not None for i in items])
     if "text" in modalities:
         length = next((len(i.tokens) for i in items if i.tokens is not None), 77)
         batch["text"] = torch.from_numpy(np.stack([
             i.tokens.astype(np.int64) if i.tokens is not None else np.zeros(length, np.int64) for i in items]))
         batch["text_present"] = torch.tensor([i.tokens is not None for i in items])
+        if any(i.text_features is not None for i in items):
+            features = _stack([i.text_features for i in items])
+            if features.ndim == 3:  # token states: nothing past the batch's last end-of-text token is read
+                features = features[:, : int(batch["text"].argmax(dim=1).max()) + 1]
+            batch["text_embedding" if features.ndim == 2 else "text_states"] = features
     if "audio" in modalities:
-        n_mels = next((i.mel.shape[1] for i in items if i.mel is not None), 80)
+        n_mels = next((i.mel.shape[1] for i in items if i.mel is not None), 80)  # the frame width
         frames = max([len(i.mel) for i in items if i.mel is not None] or [1])
         audio = np.zeros((len(items), frames, n_mels), np.float32)
         mask = np.zeros((len(items), frames), bool)
@@ -119,13 +142,25 @@ def collate(items: Sequence[Item], modalities: Sequence[str]) -> dict:
     return batch
 
 
+def _stack(arrays: list[np.ndarray | None]) -> torch.Tensor:
+    """float32 rows stacked; a missing row (None) is zeros of the others' shape."""
+    reference = next((a for a in arrays if a is not None), None)
+    shape = reference.shape if reference is not None else (1,)
+    return torch.from_numpy(np.stack([a.astype(np.float32) if a is not None else np.zeros(shape, np.float32)
+                                      for a in arrays]))
+
+
 class TrimodalDataset(IterableDataset):
-    """Batches (dicts of padded tensors and masks) from shards + feature store; see the module doc."""
+    """Batches (dicts of padded tensors and masks) from shards + feature store; see the module doc.
+
+    `inputs` says what the model reads (`DEFAULT_INPUTS`): {"image": "tokens"} adds `batch["image_tokens"]`
+    in place of `batch["image"]`; {"text": "embedding" | "states"} adds `batch["text_embedding"]` or
+    `batch["text_states"]` next to the ids."""
 
     def __init__(self, shards: str | Path, features: str | Path, split: str = "train", *,
                  modalities: Sequence[str] = MODALITIES, batch_size: int = 64, shuffle: bool = True, seed: int = 0,
                  epoch: int = 0, shuffle_buffer: int = 1000, max_audio_frames: int = 1000, drop_last: bool = False,
-                 rank: int | None = None, world_size: int | None = None):
+                 rank: int | None = None, world_size: int | None = None, inputs: dict | None = None):
         unknown = set(modalities) - set(MODALITIES)
         if unknown or not modalities:
             raise ConfigError(f"modalities must be a non-empty subset of {MODALITIES} (got {list(modalities)})")
@@ -142,6 +177,7 @@ class TrimodalDataset(IterableDataset):
         self.from_store = {m: store.has(m) for m in self.modalities}
         if "image" in self.modalities and not self.from_store["image"]:
             raise ConfigError(f"{features} has no image embeddings; run `mm featurize` with --image")
+        self.inputs = check_inputs(store, inputs, self.features)
         self._text_spec = (store.config.get("text") or {}).get("tokenizer", "open_clip:ViT-B-32")
 
     @property
@@ -185,9 +221,8 @@ class TrimodalDataset(IterableDataset):
     def _items(self, store: FeatureStore, names: list[str], rng: np.random.Generator) -> Iterator[Item]:
         fallback = _TarFallback(self._text_spec) if not all(self.from_store.values()) else None
         for name in names:
-            features = store.read_shard(name, image="image" in self.modalities,
-                                        text=self.from_store.get("text", False),
-                                        audio=self.from_store.get("audio", False))
+            features = read_features(store, name, self.modalities, self.inputs,
+                                     text=self.from_store.get("text", False), audio=self.from_store.get("audio", False))
             if fallback is not None:
                 fallback.fill(self.shards / name, features, text="text" in self.modalities and not self.from_store["text"],
                               audio="audio" in self.modalities and not self.from_store["audio"])
@@ -196,14 +231,18 @@ class TrimodalDataset(IterableDataset):
 
     def _item(self, features: ShardFeatures, row: int, rng: np.random.Generator) -> Item:
         item = Item(features.keys[row])
-        if features.image is not None:
-            item.image = features.image[row]
+        images = features.image_tokens if features.image_tokens is not None else features.image
+        if images is not None:
+            item.image = images[row]
         caption_id = None
         if features.tokens is not None and "text" in self.modalities:
             c0, c1 = features.caption_offsets[row], features.caption_offsets[row + 1]
             if c1 > c0:
                 pick = int(rng.integers(c0, c1))
                 item.tokens, caption_id = features.tokens[pick], int(features.caption_ids[pick])
+                text_features = _text_features(features)
+                if text_features is not None:
+                    item.text_features = text_features[pick]
         if features.mel is not None and "audio" in self.modalities:
             u0, u1 = features.utterance_offsets[row], features.utterance_offsets[row + 1]
             spoken = list(range(u0, u1))
@@ -216,6 +255,19 @@ class TrimodalDataset(IterableDataset):
                 caption_id = int(features.utterance_caption_ids[pick]) if caption_id is None else caption_id
         item.caption_id = -1 if caption_id is None else caption_id
         return item
+
+
+def read_features(store: FeatureStore, name: str, modalities: Sequence[str], inputs: dict, *, text: bool,
+                  audio: bool) -> ShardFeatures:
+    """One shard's features: of images and captions what `inputs` asks for."""
+    return store.read_shard(name, image="image" in modalities and inputs["image"] == "embedding",
+                            image_tokens="image" in modalities and inputs["image"] == "tokens", text=text,
+                            text_embedding=text and inputs["text"] == "embedding",
+                            text_states=text and inputs["text"] == "states", audio=audio)
+
+
+def _text_features(features: ShardFeatures) -> np.ndarray | None:
+    return features.text_states if features.text_states is not None else features.text_embedding
 
 
 def _shuffled(items: Iterator[Item], size: int, rng: np.random.Generator) -> Iterator[Item]:
@@ -266,29 +318,44 @@ class SplitData:
     """Every image, caption and utterance of a split, for evaluation."""
 
     keys: list[str]
-    images: np.ndarray | None  # (N, D)
+    images: np.ndarray | None  # (N, D) pooled, or (N, T, W) tokens (float16), as the model reads them
     tokens: np.ndarray | None  # (C, L)
     caption_image: np.ndarray | None  # (C,) row of each caption's image
-    mels: list[np.ndarray] | None  # U arrays (frames, n_mels)
+    mels: list[np.ndarray] | None  # U arrays (frames, width)
     utterance_image: np.ndarray | None  # (U,)
+    text_features: np.ndarray | None = None  # (C, D) tower embeddings or (C, L', W) token states (float16)
+
+    def item(self, modality: str, row: int) -> Item:
+        """Image, caption or utterance `row` as an Item for `collate`."""
+        if modality == "image":
+            return Item("", image=self.images[row])
+        if modality == "text":
+            return Item("", tokens=self.tokens[row],
+                        text_features=None if self.text_features is None else self.text_features[row])
+        return Item("", mel=self.mels[row])
 
 
 def load_split(shards: Path, features: Path, split: str, modalities: Sequence[str] = MODALITIES,
-               max_audio_frames: int = 1000) -> SplitData:
+               max_audio_frames: int = 1000, inputs: dict | None = None) -> SplitData:
     index, store = open_sources(Path(shards), Path(features), split)
+    inputs = check_inputs(store, inputs, Path(features))
     names = [s["name"] for s in index["splits"][split]["shards"]]
-    keys, images, tokens, caption_image, mels, utterance_image = [], [], [], [], [], []
+    keys, images, tokens, caption_image, mels, utterance_image, text_features = [], [], [], [], [], [], []
     fallback = _TarFallback((store.config.get("text") or {}).get("tokenizer", "open_clip:ViT-B-32"))
     for name in names:
-        part = store.read_shard(name, image="image" in modalities, text=store.has("text"), audio=store.has("audio"))
+        part = read_features(store, name, modalities, inputs, text=store.has("text"), audio=store.has("audio"))
         fallback.fill(Path(shards) / name, part, text="text" in modalities and not store.has("text"),
                       audio="audio" in modalities and not store.has("audio") and "audio" in index.get("modalities", []))
         base = len(keys)
         keys += part.keys
         if part.image is not None:
             images.append(part.image.astype(np.float32))
+        if part.image_tokens is not None:
+            images.append(part.image_tokens)
         if part.tokens is not None and "text" in modalities:
             tokens.append(part.tokens)
+            if _text_features(part) is not None:
+                text_features.append(_text_features(part))
             caption_image.append(base + np.repeat(np.arange(len(part.keys)), np.diff(part.caption_offsets)))
         if part.mel is not None and "audio" in modalities:
             for u in range(len(part.frame_offsets) - 1):
@@ -301,4 +368,12 @@ def load_split(shards: Path, features: Path, split: str, modalities: Sequence[st
         caption_image=np.concatenate(caption_image) if caption_image else None,
         mels=mels if mels else None,
         utterance_image=np.concatenate(utterance_image) if utterance_image else None,
+        text_features=_trimmed(np.concatenate(text_features), np.concatenate(tokens)) if text_features else None,
     )
+
+
+def _trimmed(text_features: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """Token states cut after the split's last end-of-text position (nothing later is read)."""
+    if text_features.ndim != 3 or not len(tokens):
+        return text_features
+    return text_features[:, : int(tokens.argmax(axis=1).max()) + 1]

@@ -12,7 +12,7 @@ from trimodal.training.checkpoint import load_weights
 from trimodal.training.data import load_split
 from trimodal.training.evaluate import (adapted_evaluation, embed_split, fold_sizes, mean_over_folds, mean_recall,
                                         score_folds, score_latents, split_groups)
-from trimodal.training.models import build_model
+from trimodal.training.models import build_model, model_inputs
 from trimodal.training.trainer import CHECKPOINTS
 
 
@@ -51,8 +51,12 @@ def evaluate_run(run: Path, *, split: str = "test", checkpoint: str = "best", tt
     from trimodal.training.config import TrainConfig
     from trimodal.training.trainer import max_audio_frames
 
+    from trimodal.features.store import FeatureStore
+
+    store_config = FeatureStore.open(features).config
     data = load_split(shards, features, split, train["modalities"],
-                      max_audio_frames(TrainConfig(max_audio_seconds=float(train["max_audio_seconds"]))))
+                      max_audio_frames(TrainConfig(max_audio_seconds=float(train["max_audio_seconds"])), store_config),
+                      model_inputs(model))
     sizes = fold_sizes(len(data.keys), folds) if folds is not None else None
     # Embedded once: the whole split and every fold are scored from the same latents.
     latents, groups = embed_split(model, data, target, train["eval_batch_size"]), split_groups(data)

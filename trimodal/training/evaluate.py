@@ -52,16 +52,13 @@ def embed_split(model, data: SplitData, device: torch.device, batch_size: int = 
                 encode=None) -> dict[str, torch.Tensor]:
     """Latents of every image, caption and utterance of the split, each modality encoded on its own
     (by `encode(modality, batch)`, default `model.encode`)."""
-    from trimodal.training.data import Item, collate
+    from trimodal.training.data import collate
 
     model.eval()
     encode = encode or model.encode
     latents = {}
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    sources = {"image": (data.images, lambda x: Item("", image=x)),
-               "text": (data.tokens, lambda x: Item("", tokens=x)),
-               "audio": (data.mels, lambda x: Item("", mel=x))}
-    for modality, (values, make) in sources.items():
+    for modality, values in (("image", data.images), ("text", data.tokens), ("audio", data.mels)):
         if values is None or len(values) == 0:
             continue
         # Utterances are batched by length so little time goes into padding.
@@ -69,7 +66,7 @@ def embed_split(model, data: SplitData, device: torch.device, batch_size: int = 
         rows_out: list[torch.Tensor | None] = [None] * len(values)
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            batch = collate([make(values[i]) for i in rows], [modality])
+            batch = collate([data.item(modality, i) for i in rows], [modality])
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             with amp:
                 encoded = encode(modality, batch).float()

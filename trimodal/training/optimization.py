@@ -39,7 +39,8 @@ class Optimization:
 
     def __init__(self, model: torch.nn.Module, train: TrainConfig, total_steps: int, parameters=None):
         self.model, self.train, self.total_steps = model, train, total_steps
-        named = list(parameters) if parameters is not None else list(model.named_parameters())
+        named = list(parameters) if parameters is not None else [(n, p) for n, p in model.named_parameters()
+                                                                  if p.requires_grad]  # frozen towers: no state
         self.optimizer = torch.optim.AdamW(decay_groups(named, train.weight_decay), lr=train.lr)
         self.lr = train.lr
 

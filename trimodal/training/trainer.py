@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from trimodal import __version__
 from trimodal.errors import ConfigError, TrimodalError
 from trimodal.features.audio import MelConfig
+from trimodal.features.store import audio_layout
 from trimodal.features.image import resolve_device
 from trimodal.progress import SILENT, Reporter
 from trimodal.training.checkpoint import load_state, load_weights, save_state, save_weights
@@ -32,7 +33,7 @@ from trimodal.training.config import RunConfig, TrainConfig, dump_toml, load_con
 from trimodal.training.data import TrimodalDataset, check_shared_memory, load_split, loader_failure, open_sources
 from trimodal.training.evaluate import evaluate_split, mean_recall
 from trimodal.training.losses import MAX_LOGIT_SCALE, training_loss
-from trimodal.training.models import build_model
+from trimodal.training.models import build_model, model_defaults, model_inputs, parameter_counts
 from trimodal.training.optimization import Optimization, flatten, make_optimization
 from trimodal.training.plots import plot_run, read_metrics
 
@@ -50,39 +51,53 @@ class TrainResult:
     last_val: dict | None
     train_seconds: float = 0.0  # inside the training epochs: loading, steps; no validation or checkpoints
     train_steps: int = 0
+    trainable_parameters: int | None = None
 
 
-def max_audio_frames(train: TrainConfig) -> int:
+def max_audio_frames(train: TrainConfig, store_config: dict | None = None) -> int:
+    """Frames in `max_audio_seconds` of the store's audio features (log-mels: 100 a second)."""
+    audio = (store_config or {}).get("audio")
+    if audio and "n_mels" not in audio:
+        return max(1, int(train.max_audio_seconds * audio_layout(audio)[2]))
     return MelConfig().frames(int(train.max_audio_seconds * MelConfig().sample_rate))
 
 
-def data_dims(store_config: dict, model_settings: dict) -> dict:
-    """Model settings the store decides (input sizes), unless the config sets them itself."""
+def data_dims(store_config: dict, model_settings: dict, accepted=None) -> dict:
+    """Model settings the store decides (input sizes; for families that take them, the towers it ran),
+    unless the config sets them itself. `accepted`: the family's settings (default: input sizes only)."""
     dims = {}
-    if store_config.get("image"):
-        dims["image_dim"] = store_config["image"]["embed_dim"]
-    if store_config.get("text"):
-        dims["vocab_size"] = store_config["text"]["vocab_size"]
-        dims["context_length"] = store_config["text"]["context_length"]
-    if store_config.get("audio"):
-        dims["n_mels"] = store_config["audio"]["n_mels"]
+    image, text, audio = store_config.get("image"), store_config.get("text"), store_config.get("audio")
+    if image:
+        dims["image_dim"] = image["embed_dim"]
+        if image.get("tokens") and "layer" in image:
+            dims["image_tower"] = image["encoder"]
+    if text:
+        dims["vocab_size"] = text["vocab_size"]
+        dims["context_length"] = text["context_length"]
+        if text.get("tower"):
+            dims["text_tower"], dims["text_dim"] = text["tower"]["encoder"], text["tower"]["embed_dim"]
+    if audio:
+        dims["n_mels"] = audio_layout(audio)[1]  # the frame width: mel bands or a speech tower's width
+        if "n_mels" not in audio:
+            dims["audio_tower"] = audio["encoder"]
+    dims = {k: v for k, v in dims.items() if k in (accepted or ("image_dim", "vocab_size", "context_length", "n_mels"))}
     return {**dims, **model_settings}
 
 
 def batch_bytes(train: TrainConfig, store_config: dict) -> int:
-    """An upper bound of one collated batch's size (float32 images and mels, int64 tokens, masks)."""
+    """An upper bound of one collated batch's size (float32 images and frames, int64 tokens, masks)."""
     per_sample = 64
     if store_config.get("image"):
         per_sample += 4 * store_config["image"]["embed_dim"]
     if store_config.get("text"):
         per_sample += 8 * store_config["text"]["context_length"]
     if store_config.get("audio"):
-        per_sample += (4 * store_config["audio"]["n_mels"] + 1) * max_audio_frames(train)
+        per_sample += (4 * audio_layout(store_config["audio"])[1] + 1) * max_audio_frames(train, store_config)
     return per_sample * train.batch_size
 
 
 def build_from_config(config: RunConfig, store_config: dict):
-    settings = data_dims(store_config, config.model)
+    settings = data_dims(store_config, config.model, model_defaults(config.model_name))
     return build_model(config.model_name, **settings), settings
 
 
@@ -102,9 +117,10 @@ def prepare_run_dir(run: Path, *, resume: bool, overwrite: bool) -> None:
 
 def train(config_path: Path, shards: Path, features: Path, out: Path, *, resume: bool = False,
           overwrite: bool = False, overrides: list[str] = (), reporter: Reporter = SILENT,
-          stop_after_epoch: int | None = None) -> TrainResult:
+          stop_after_epoch: int | None = None, on_model=None) -> TrainResult:
     """Train the model of `config_path` into the run folder `out`. `stop_after_epoch` ends the run after
-    that epoch's checkpoint, as an interruption at an epoch boundary would (tests use it)."""
+    that epoch's checkpoint, as an interruption at an epoch boundary would (tests use it). `on_model(total,
+    trainable, device)` is told the parameter counts once the model is built."""
     config = load_config(config_path, list(overrides))
     settings = config.train
     shards, features, run = Path(shards).resolve(), Path(features).resolve(), Path(out)
@@ -118,10 +134,13 @@ def train(config_path: Path, shards: Path, features: Path, out: Path, *, resume:
     model, model_settings = build_from_config(config, store.config)
     prepare_run_dir(run, resume=resume, overwrite=overwrite)
     model.to(device)
-    parameters = sum(p.numel() for p in model.parameters())
+    parameters, trainable = parameter_counts(model)
+    if on_model is not None:
+        on_model(parameters, trainable, str(device))
+    inputs, frames = model_inputs(model), max_audio_frames(settings, store.config)
     dataset = TrimodalDataset(shards, features, "train", modalities=settings.modalities, batch_size=settings.batch_size,
                               shuffle=True, seed=settings.seed, shuffle_buffer=settings.shuffle_buffer,
-                              max_audio_frames=max_audio_frames(settings), drop_last=True)
+                              max_audio_frames=frames, drop_last=True, inputs=inputs)
     if dataset.samples < settings.batch_size * max(1, settings.num_workers):
         raise ConfigError(f"the training split has {dataset.samples} samples, too few for full batches of "
                           f"{settings.batch_size} on each of {max(1, settings.num_workers)} loader worker(s); "
@@ -134,7 +153,7 @@ def train(config_path: Path, shards: Path, features: Path, out: Path, *, resume:
                         generator=torch.Generator().manual_seed(settings.seed))
     val_data = None
     if settings.val_split in store.splits():
-        val_data = load_split(shards, features, settings.val_split, settings.modalities, max_audio_frames(settings))
+        val_data = load_split(shards, features, settings.val_split, settings.modalities, frames, inputs)
     # Every loader worker drops its last partial batch (contrastive losses want full batches).
     steps_per_epoch = max(1, dataset.samples // (settings.batch_size * settings.grad_accum))
     total_steps = steps_per_epoch * settings.epochs
@@ -151,7 +170,7 @@ def train(config_path: Path, shards: Path, features: Path, out: Path, *, resume:
         start_epoch, step, best = state["epoch"] + 1, state["step"], state["best"]
         best_epoch = state.get("best_epoch")
         _truncate_metrics(run / "metrics.jsonl", state["epoch"])
-    _write_resolved_config(run, config, model_settings, shards, features, parameters, device)
+    _write_resolved_config(run, config, model_settings, shards, features, (parameters, trainable), device)
 
     from torch.utils.tensorboard import SummaryWriter
 
@@ -194,7 +213,7 @@ def train(config_path: Path, shards: Path, features: Path, out: Path, *, resume:
         writer.close()
     return TrainResult(run, parameters, str(device), settings.epochs - start_epoch, best_epoch,
                        best if best_epoch is not None and val_data is not None else None, last_val,
-                       train_seconds, train_steps)
+                       train_seconds, train_steps, trainable)
 
 
 def _train_epoch(model, loader, optimization: Optimization, settings: TrainConfig, device, epoch, step, samples,
@@ -315,11 +334,12 @@ def _git_commit() -> str:
 
 
 def _write_resolved_config(run: Path, config: RunConfig, model_settings: dict, shards: Path, features: Path,
-                           parameters: int, device) -> None:
+                           parameters: tuple[int, int], device) -> None:
     sections = {
         "model": {"name": config.model_name, **model_settings},
         "train": asdict(config.train),
         "data": {"shards": str(shards), "features": str(features)},
-        "run": {"parameters": parameters, "device": str(device), "git_commit": _git_commit(), **_versions()},
+        "run": {"parameters": parameters[0], "trainable_parameters": parameters[1], "device": str(device),
+                "git_commit": _git_commit(), **_versions()},
     }
     (run / "config.resolved.toml").write_text(dump_toml(sections), encoding="utf-8")

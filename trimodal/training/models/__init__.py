@@ -51,5 +51,20 @@ def family_has(attribute: str) -> list[str]:
                   if hasattr(typing.get_type_hints(builder).get("return"), attribute))
 
 
+def model_inputs(model) -> dict:
+    """What `model` reads from the feature store (`trimodal.training.data.DEFAULT_INPUTS`): its own
+    `store_inputs()`, else image tokens for models built with `image_tokens`."""
+    custom = getattr(model, "store_inputs", None)
+    if custom is not None:
+        return custom()
+    return {"image": "tokens" if getattr(model, "image_tokens", False) else "embedding"}
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(total, trainable) parameters."""
+    parameters = list(model.parameters())
+    return sum(p.numel() for p in parameters), sum(p.numel() for p in parameters if p.requires_grad)
+
+
 def _load_families() -> None:
-    from trimodal.training.models import dualloop, mmn, nlmm  # noqa: F401  (each registers itself)
+    from trimodal.training.models import cman, dualloop, mmn, nlmm  # noqa: F401  (each registers itself)
