@@ -170,3 +170,15 @@ def mini_features(mini_shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("mini-features") / "mini.zarr"
     featurize(mini_shards, out, FeaturizeOptions(device="cpu"))
     return out
+
+
+@pytest.fixture(scope="session")
+def mini_cman_features(mini_shards, tmp_path_factory) -> Path:
+    """The mini shards featurized as configs/cman-tiny.toml's `# featurize:` line asks (random-init towers)."""
+    from trimodal.cli.main import main
+    from trimodal.training.config import featurize_line, shipped_config
+
+    out = tmp_path_factory.mktemp("mini-cman-features") / "cman.zarr"
+    options = featurize_line(shipped_config("cman-tiny"))
+    assert main(["featurize", str(mini_shards), "--out", str(out), "--device", "cpu", *options]) == 0
+    return out

@@ -1,6 +1,6 @@
 """Every model family through the real trainer on the mini dataset: exact resume at an epoch boundary
-(every level's optimizer, the controller's state), and each tiny config clearly above chance in all
-six directions of `mm eval`."""
+(every level's optimizer, the controller's state, LoRA adapters), and each tiny config clearly above
+chance in all six directions of `mm eval` (cman on the store its config's `# featurize:` line names)."""
 
 import json
 
@@ -18,11 +18,21 @@ QUICK = {
                       'model.cms_levels=[{ name = "fast", chunk_size = 1, lr = 1e-3, optimizer = "dmgd" }, '
                       '{ name = "slow", chunk_size = 3, lr = 1e-3, optimizer = "m3" }]'],
     "dualloop": COMMON + ["model.layers=1", "model.fusion_layers=1", "model.update_frequency=2"],
+    "cman": ["train.epochs=2", "train.batch_size=50", "train.warmup_steps=2", "model.fusion_dim=32",
+             "model.fusion_heads=4", "model.latent_dim=32", "model.encoder_dim=32", "model.rank=2"],
 }
+# What each family's training records carry beyond the loss (cman: nothing; its trainer is the default).
+EXTRA = {"nlmm": "levels", "dualloop": "controller", "cman": "lr"}
+
+
+def _features(family: str, request):
+    """The store a family's tiny config asks for (its `# featurize:` line)."""
+    return request.getfixturevalue("mini_cman_features" if family == "cman" else "mini_features")
 
 
 @pytest.mark.parametrize("family", sorted(QUICK))
-def test_resuming_at_an_epoch_boundary_ends_with_the_same_weights(family, mini_shards, mini_features, tmp_path):
+def test_resuming_at_an_epoch_boundary_ends_with_the_same_weights(family, mini_shards, request, tmp_path):
+    mini_features = _features(family, request)
     config = shipped_config(f"{family}-tiny")
     overrides = QUICK[family] + ["train.num_workers=0"]
     train(config, mini_shards, mini_features, tmp_path / "straight", overrides=overrides)
@@ -32,15 +42,14 @@ def test_resuming_at_an_epoch_boundary_ends_with_the_same_weights(family, mini_s
     b = load_file(str(tmp_path / "resumed" / "checkpoints" / "last.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), family
     records = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
-    extra = {"nlmm": "levels", "dualloop": "controller"}[family]
-    assert any(extra in record for record in records if record["type"] == "train")
+    assert any(EXTRA[family] in record for record in records if record["type"] == "train")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(QUICK))
-def test_the_tiny_config_reaches_three_times_chance_in_every_direction(family, mini_shards, mini_features, tmp_path):
+def test_the_tiny_config_reaches_three_times_chance_in_every_direction(family, mini_shards, request, tmp_path):
     run = tmp_path / family
-    train(shipped_config(f"{family}-tiny"), mini_shards, mini_features, run)
+    train(shipped_config(f"{family}-tiny"), mini_shards, _features(family, request), run)
     result = evaluate_run(run, split="test", device="cpu", ttt=family == "nlmm")
     assert len(result["directions"]) == 6
     for direction, metrics in result["directions"].items():

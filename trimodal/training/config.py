@@ -54,6 +54,19 @@ class RunConfig:
         return {"model": {"name": self.model_name, **self.model}, "train": asdict(self.train)}
 
 
+def featurize_line(path: Path) -> list[str]:
+    """The extra `mm featurize` options a config's first line names (`# featurize: --image-tokens …`), or []."""
+    import shlex
+
+    try:
+        first = Path(path).read_text(encoding="utf-8").splitlines()[:1]
+    except OSError as error:
+        raise ConfigError(f"cannot read config {path}: {error}") from error
+    if first and first[0].startswith("# featurize:"):
+        return shlex.split(first[0].removeprefix("# featurize:"))
+    return []
+
+
 def parse_override(text: str) -> tuple[str, str, object]:
     """`train.epochs=5` -> ("train", "epochs", 5); values are read as TOML, else kept as strings."""
     key, equals, raw = text.partition("=")
