@@ -27,10 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from trimodal.errors import ConfigError
-from trimodal.training.losses import multimodal_infonce, multimodal_max_margin
+from trimodal.training.losses import clip_loss, max_margin_loss, multimodal_pairs
 from trimodal.training.models import register_model
-from trimodal.training.models.encoders import AudioEncoder, TextEncoder, sinusoidal_positions, transformer
+from trimodal.training.models.encoders import AudioEncoder, TextEncoder, masked_mean, sinusoidal_positions, transformer
 from trimodal.training.models.lora import add_lora, tower_top
+from trimodal.training.models.mmn import EmptyInputError
 
 MODALITIES = ("image", "text", "audio")
 LOSSES = ("max_margin", "infonce")
@@ -79,8 +80,7 @@ class TowerInput(nn.Module):
             return self.top.head(states, ids), states, mask
         frames, mask = batch["audio"], batch["audio_mask"]
         if self.top is None:  # cached frames: their mean is the summary
-            weights = mask.unsqueeze(-1).to(frames.dtype)
-            return (frames * weights).sum(1) / weights.sum(1).clamp(min=1.0), frames, mask
+            return masked_mean(frames, mask), frames, mask
         states = self.top.run_blocks(frames, mask)
         return self.top.head(states, mask), states, mask
 
@@ -129,9 +129,9 @@ class CrossModalAttentionNetwork(nn.Module):
         return F.normalize(self.fused_projection(self.norm(hidden[:, 0])).float(), dim=-1)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        present = [m for m in MODALITIES if f"{m}_present" in batch and m in self.inputs]
+        present = [m for m in self.inputs if m in batch or (m == "image" and "image_tokens" in batch)]
         if not present:
-            raise ConfigError("empty input: a batch needs at least one of image, text, audio")
+            raise EmptyInputError("empty input: a batch needs at least one of image, text, audio")
         latents = {m: self.encode(m, batch) for m in present}
         if self.training and self.fused_weight > 0 and len(present) == 3:
             # Leave one out: the other two modalities fused, matched against the third.
@@ -140,23 +140,23 @@ class CrossModalAttentionNetwork(nn.Module):
         return latents
 
     def training_loss(self, latents: dict, present: dict, weights: dict | None = None):
+        """The pair loss over every pair of single modalities present, plus `fused_weight` × the mean of the
+        leave-one-out terms (two modalities fused against the third) when they were computed."""
         single = {m: v for m, v in latents.items() if not m.startswith("fused:")}
-        total, losses = self._pairs(single, present, weights)
-        for name, fused in latents.items():
-            if name.startswith("fused:"):
-                held_out = name.split(":", 1)[1]
-                rows = torch.stack([present[m] for m in present]).all(0)
-                if int(rows.sum()) >= 2:
-                    loss, _ = self._pairs({"image": fused[rows], "text": single[held_out][rows]},
-                                          {"image": rows[rows], "text": rows[rows]}, None)
-                    losses[f"fused-{held_out}"] = loss
-                    total = total + self.fused_weight * loss / 3
+        total, losses = multimodal_pairs(single, present, self.pair_loss, weights)
+        fused = {name.split(":", 1)[1]: v for name, v in latents.items() if name.startswith("fused:")}
+        if fused:
+            rows = torch.stack([present[m] for m in single]).all(0)
+            if int(rows.sum()) >= 2:
+                for held_out, vectors in fused.items():
+                    losses[f"fused-{held_out}"] = self.pair_loss(vectors[rows], single[held_out][rows])
+                total = total + self.fused_weight * sum(losses[f"fused-{m}"] for m in fused) / len(fused)
         return total, losses
 
-    def _pairs(self, latents, present, weights):
+    def pair_loss(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
         if self.loss == "infonce":
-            return multimodal_infonce(latents, present, self.logit_scale, weights)
-        return multimodal_max_margin(latents, present, self.margin, self.max_violation, weights)
+            return clip_loss(first, second, self.logit_scale)
+        return max_margin_loss(first, second, self.margin, self.max_violation)
 
 
 def _tower_input(modality: str, spec: str, adapt_blocks: int, lora: dict, *, fusion_dim: int, sequence: bool,

@@ -7,11 +7,7 @@ import math
 import torch
 from torch import nn
 
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over dim 1 of (B, T, D) where `mask` (B, T) is True."""
-    weights = mask.unsqueeze(-1).to(values.dtype)
-    return (values * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+from trimodal.features.towers import masked_mean
 
 
 def sinusoidal_positions(length: int, dim: int, device=None) -> torch.Tensor:
