@@ -161,6 +161,19 @@ def test_featurize_with_a_missing_weights_file(mm, mini_shards, tmp_path):
     assert_one_clear_error(result, "weights file /nowhere/w.pt does not exist")
 
 
+def test_featurize_with_a_missing_speech_tower_weights_file(mm, mini_shards, tmp_path):
+    result = mm("featurize", mini_shards, "--out", tmp_path / "f.zarr", "--audio", "torchaudio:HUBERT_BASE:/nowhere/h.pt")
+    assert_one_clear_error(result, "weights file /nowhere/h.pt does not exist")
+    assert not (tmp_path / "f.zarr").exists()
+
+
+def test_cman_on_a_store_without_tower_states_names_the_featurize_options(mm, mini_shards, mini_features, tmp_path):
+    result = mm("train", "configs/cman-tiny.toml", "--shards", mini_shards, "--features", mini_features,
+                "--out", tmp_path / "r")
+    assert_one_clear_error(result, "--image open_clip:ViT-B-32:layer=11 --image-tokens")
+    assert not (tmp_path / "r").exists()
+
+
 def test_featurize_on_cuda_without_a_gpu(mm, mini_shards, tmp_path):
     import torch
 

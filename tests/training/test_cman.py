@@ -13,7 +13,7 @@ from trimodal.training.models import build_model, model_inputs, parameter_counts
 from trimodal.training.optimization import Optimization
 
 SMALL = dict(image_dim=16, vocab_size=50, context_length=8, n_mels=8, fusion_dim=32, fusion_heads=4, fusion_layers=1,
-             latent_dim=16, encoder_dim=32, encoder_layers=1, dropout=0.0)
+             latent_dim=16, encoder_dim=32, encoder_layers=1, dropout=0.0, adapt_blocks=0)
 
 
 def _batch(rows: int = 3, frames: int = 12) -> dict:
@@ -37,7 +37,7 @@ def test_the_fusion_takes_every_subset_of_modalities():
     alone = model.encode("image", batch)
     assert not torch.allclose(alone, model.encode_subset(batch, ["image", "text"]))
     # Cached speech-tower frames become fusion tokens under their mask: two padded frames change nothing.
-    frames = build_model("cman", **SMALL, adapt_blocks=0, audio_tower="torchaudio:HUBERT_BASE").eval()
+    frames = build_model("cman", **SMALL, audio_tower="torchaudio:HUBERT_BASE").eval()
     padded = dict(batch, audio=torch.cat([batch["audio"], torch.randn(3, 2, 8)], 1),
                   audio_mask=torch.cat([batch["audio_mask"], torch.zeros(3, 2, dtype=torch.bool)], 1))
     for subset in (["audio"], ["text", "audio"]):
@@ -72,7 +72,7 @@ def test_the_max_margin_loss_over_every_pair_and_the_other_choices():
 
 
 def test_lora_parameters_are_the_only_trainable_tower_parameters():
-    model = build_model("cman", **{**SMALL, "image_dim": 512, "text_dim": 512}, adapt_blocks=1, rank=4,
+    model = build_model("cman", **{**SMALL, "image_dim": 512, "text_dim": 512, "adapt_blocks": 1}, rank=4,
                         image_tower="open_clip:ViT-B-32:layer=11", text_tower="open_clip:ViT-B-32:layer=11")
     assert model_inputs(model) == {"image": "tokens", "text": "states"}
     for modality in ("image", "text"):
@@ -102,8 +102,13 @@ def test_lora_parameters_are_the_only_trainable_tower_parameters():
     assert tower_changed and all("lora_" in n for n in tower_changed)
 
 
+def test_adapted_blocks_need_tower_states_in_the_store():
+    with pytest.raises(ConfigError, match="the store has no text tower states; featurize with --text open_clip"):
+        build_model("cman", **{**SMALL, "adapt_blocks": 1}, image_tower="open_clip:ViT-B-32:layer=11")
+
+
 def test_cached_embeddings_only_with_no_adapted_blocks():
-    model = build_model("cman", **{**SMALL, "text_dim": 24}, adapt_blocks=0, image_tower="open_clip:ViT-B-32:layer=11",
+    model = build_model("cman", **{**SMALL, "text_dim": 24}, image_tower="open_clip:ViT-B-32:layer=11",
                         text_tower="open_clip:ViT-B-32")
     assert model_inputs(model) == {"image": "embedding", "text": "embedding"}
     assert all(model.inputs[m].top is None for m in ("image", "text", "audio"))

@@ -15,7 +15,7 @@ FAMILY_TINY = {
     "nlmm": dict(**INPUTS, depth={"image": 1, "text": 1, "audio": 1}, adapter_rank=2),
     "dualloop": dict(**INPUTS, layers=1, fusion_layers=1),
     "cman": dict(image_dim=24, vocab_size=100, context_length=12, n_mels=10, dropout=0.0, fusion_dim=32, fusion_heads=4,
-                 fusion_layers=1, latent_dim=16, encoder_dim=32, encoder_layers=1),
+                 fusion_layers=1, latent_dim=16, encoder_dim=32, encoder_layers=1, adapt_blocks=0),
 }
 
 

@@ -35,7 +35,8 @@ def featurize(
     workers: Workers = 2,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Recompute into an existing store.")] = False,
 ) -> None:
-    """Compute mel spectrograms, image embeddings and caption tokens once, into zarr (resumable per shard).
+    """Compute log-mels (or speech-tower frames), image embeddings and caption tokens (and text-tower embeddings)
+    once, into zarr (resumable per shard).
 
     Example: mm featurize shards/flickr8k --out features/flickr8k.zarr
     """

@@ -69,7 +69,7 @@ def data_dims(store_config: dict, model_settings: dict, accepted=None) -> dict:
     image, text, audio = store_config.get("image"), store_config.get("text"), store_config.get("audio")
     if image:
         dims["image_dim"] = image["embed_dim"]
-        if image.get("tokens") and "layer" in image:
+        if image.get("family") in ("open_clip", "timm"):  # a tower (not vectors a dataset ships)
             dims["image_tower"] = image["encoder"]
     if text:
         dims["vocab_size"] = text["vocab_size"]

@@ -162,6 +162,13 @@ class CrossModalAttentionNetwork(nn.Module):
 def _tower_input(modality: str, spec: str, adapt_blocks: int, lora: dict, *, fusion_dim: int, sequence: bool,
                  pooled_dim: int, frame_width: int, fallback) -> tuple[TowerInput, str]:
     """A modality's input module and what it reads from the store."""
+    if not spec and adapt_blocks > 0 and modality != "audio":
+        flag = "--image open_clip:<model>[:<weights>]:layer=L --image-tokens" if modality == "image" else \
+            "--text open_clip:<model>[:<weights>]:layer=L --text-tokens"
+        raise ConfigError(f"cman with adapt_blocks = {adapt_blocks} runs the last blocks of the {modality} tower from "
+                          f"states cached in the feature store, but the store has no {modality} tower states; featurize "
+                          f"with {flag} (L = the tower's depth - adapt_blocks; the config's `# featurize:` line names "
+                          "them) or set adapt_blocks = 0")
     if not spec:  # no tower in the store: a small trainable encoder (or, for images, the stored embedding)
         if modality == "image":
             return TowerInput(modality, dim=pooled_dim, fusion_dim=fusion_dim, sequence=False), "embedding"
