@@ -98,9 +98,9 @@ class RawTowers:
         from trimodal.pipeline.shard import read_index
 
         self.device, self.image, self.text, self.audio = device, None, None, None
-        blobs, wavs = _raw_members(shards, batch["keys"])
-        image, text, audio = store_config.get("image") or {}, store_config.get("text") or {}, store_config.get("audio") or {}
         index = read_index(shards)
+        blobs, wavs = _raw_members(shards, index, batch["keys"])
+        image, text, audio = store_config.get("image") or {}, store_config.get("text") or {}, store_config.get("audio") or {}
         if "layer" in image:
             self.image = make_image_extractor(image["encoder"], device, tokens=True, index=index, shards=shards)
             self.pixels = self.image.pixels(blobs).to(device)
@@ -134,13 +134,12 @@ class RawTowers:
         return batch
 
 
-def _raw_members(shards: Path, keys: list[str]) -> tuple[list[bytes], list[bytes]]:
-    """The jpg and the first wav of each key, from the shards."""
-    from trimodal.pipeline.shard import read_index
+def _raw_members(shards: Path, index: dict, keys: list[str]) -> tuple[list[bytes], list[bytes]]:
+    """The jpg and the first wav of each key, from the training shards."""
     from trimodal.pipeline.stream import read_shard
 
     wanted, images, wavs = set(keys), {}, {}
-    for entry in read_index(shards)["splits"]["train"]["shards"]:
+    for entry in index["splits"]["train"]["shards"]:
         contents = read_shard(shards / entry["name"], images=True, audio=True)
         first = 0
         for key, image, count in zip(contents.keys, contents.images, contents.wav_counts or [0] * len(contents.keys)):

@@ -65,6 +65,14 @@ def decode_wav(data: bytes) -> tuple[np.ndarray, int]:
     return samples.mean(axis=1), rate
 
 
+def waveform_on(samples: np.ndarray, rate: int, target_rate: int, device: torch.device) -> torch.Tensor:
+    """Mono samples as a float32 tensor on `device`, resampled there to `target_rate` when needed."""
+    waveform = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32)).to(device)
+    if rate != target_rate:
+        waveform = torchaudio.functional.resample(waveform, rate, target_rate)
+    return waveform
+
+
 class MelExtractor:
     """Log-mel spectrograms of many utterances at once, on CPU or GPU."""
 
@@ -88,10 +96,7 @@ class MelExtractor:
 
     def resample(self, samples: np.ndarray, rate: int) -> torch.Tensor:
         """The waveform on the extractor's device, at the configured rate (resampled there)."""
-        waveform = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32)).to(self.device)
-        if rate != self.config.sample_rate:
-            waveform = torchaudio.functional.resample(waveform, rate, self.config.sample_rate)
-        return waveform
+        return waveform_on(samples, rate, self.config.sample_rate, self.device)
 
     @torch.inference_mode()
     def __call__(self, waveforms: list[torch.Tensor], dtype: torch.dtype = torch.float32) -> list[np.ndarray]:

@@ -18,6 +18,7 @@ import torch
 import torchaudio
 
 from trimodal.errors import ConfigError
+from trimodal.features.audio import waveform_on
 from trimodal.features.image import RANDOM_INIT_SEED, EncoderSpec, file_sha256, load_state_dict, parse_encoder, seeded
 from trimodal.features.towers import SpeechCut
 
@@ -76,10 +77,7 @@ class SpeechTowerExtractor:
                 "frames_are": f"encoder states after layer {self.layer} of {self.cut.depth}"}
 
     def resample(self, samples: np.ndarray, rate: int) -> torch.Tensor:
-        waveform = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32)).to(self.device)
-        if rate != SAMPLE_RATE:
-            waveform = torchaudio.functional.resample(waveform, rate, SAMPLE_RATE)
-        return waveform
+        return waveform_on(samples, rate, SAMPLE_RATE, self.device)
 
     @torch.inference_mode()
     def frames(self, waveform: torch.Tensor) -> torch.Tensor:

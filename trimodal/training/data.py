@@ -30,6 +30,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from trimodal.errors import ConfigError, TrimodalError
 from trimodal.features.store import FeatureStore, ShardFeatures, StaleCacheError
+from trimodal.features.towers import caption_extent
 from trimodal.pipeline.shard import read_index
 from trimodal.pipeline.stream import index_fingerprint, offsets, read_shard, shard_order, split_shards
 
@@ -37,8 +38,10 @@ MODALITIES = ("image", "text", "audio")
 # What a model reads of each modality from the store (`model_inputs`): image "embedding" (pooled) or
 # "tokens" (image/tokens); text "ids" always, plus "embedding" (text/embedding) or "states" (text/states).
 DEFAULT_INPUTS = {"image": "embedding", "text": "ids"}
-_FEATURIZE_HINT = {("image", "tokens"): "--image-tokens", ("text", "embedding"): "--text open_clip:<model>",
-                   ("text", "states"): "--text open_clip:<model>:layer=L --text-tokens"}
+# (modality, input) -> the store array it reads and the featurize options that write it
+_STORE_ARRAYS = {("image", "tokens"): ("image/tokens", "--image-tokens"),
+                 ("text", "embedding"): ("text/embedding", "--text open_clip:<model>"),
+                 ("text", "states"): ("text/states", "--text open_clip:<model>:layer=L --text-tokens")}
 
 
 @dataclass
@@ -54,13 +57,11 @@ class Item:
 def check_inputs(store: FeatureStore, inputs: dict, where: Path) -> dict:
     """`DEFAULT_INPUTS` updated by `inputs`, each one checked to be in the store."""
     inputs = {**DEFAULT_INPUTS, **(inputs or {})}
-    arrays = {("image", "tokens"): "image/tokens", ("text", "embedding"): "text/embedding",
-              ("text", "states"): "text/states"}
     for modality, kind in inputs.items():
-        array = arrays.get((modality, kind))
+        array, options = _STORE_ARRAYS.get((modality, kind), (None, None))
         if array and array not in store.group:
             raise ConfigError(f"the model reads {modality} {kind}, but {where} has no {array}; run `mm featurize` "
-                              f"with {_FEATURIZE_HINT[(modality, kind)]} (see the config's `# featurize:` line)")
+                              f"with {options} (see the config's `# featurize:` line)")
     return inputs
 
 
@@ -126,7 +127,7 @@ def collate(items: Sequence[Item], modalities: Sequence[str]) -> dict:
         if any(i.text_features is not None for i in items):
             features = _stack([i.text_features for i in items])
             if features.ndim == 3:  # token states: nothing past the batch's last end-of-text token is read
-                features = features[:, : int(batch["text"].argmax(dim=1).max()) + 1]
+                features = features[:, : caption_extent(batch["text"])]
             batch["text_embedding" if features.ndim == 2 else "text_states"] = features
     if "audio" in modalities:
         n_mels = next((i.mel.shape[1] for i in items if i.mel is not None), 80)  # the frame width
@@ -376,4 +377,4 @@ def _trimmed(text_features: np.ndarray, tokens: np.ndarray) -> np.ndarray:
     """Token states cut after the split's last end-of-text position (nothing later is read)."""
     if text_features.ndim != 3 or not len(tokens):
         return text_features
-    return text_features[:, : int(tokens.argmax(axis=1).max()) + 1]
+    return text_features[:, : caption_extent(torch.from_numpy(tokens))]
