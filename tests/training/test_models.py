@@ -16,6 +16,8 @@ FAMILY_TINY = {
     "dualloop": dict(**INPUTS, layers=1, fusion_layers=1),
     "cman": dict(image_dim=24, vocab_size=100, context_length=12, n_mels=10, dropout=0.0, fusion_dim=32, fusion_heads=4,
                  fusion_layers=1, latent_dim=16, encoder_dim=32, encoder_layers=1, adapt_blocks=0),
+    "bitmar": dict(image_dim=24, vocab_size=100, context_length=12, dropout=0.0, dim=32, heads=4, latent_dim=16,
+                   encoder_layers=1, decoder_layers=1, episode_dim=16, memory_size=24),
 }
 
 
@@ -36,15 +38,20 @@ def test_forward_with_every_non_empty_subset_of_modalities(name, subset):
     model = build_model(name, **FAMILY_TINY[name]).eval()
     batch = fake_batch()
     keep = {k: v for k, v in batch.items() if k.split("_")[0] in subset}
+    readable = [m for m in subset if m in getattr(model, "modalities", subset)]  # bitmar reads no audio
+    if not readable:
+        with pytest.raises(EmptyInputError):
+            model(keep)
+        return
     latents = model(keep)
-    assert sorted(m for m in latents if m != "fused") == sorted(subset)  # dualloop adds the fused latent
+    assert sorted(m for m in latents if m != "fused") == sorted(readable)  # dualloop adds the fused latent
     for latent in latents.values():
         assert latent.shape == (6, 16) and torch.allclose(latent.norm(dim=-1), torch.ones(6), atol=1e-5)
 
 
 @pytest.mark.parametrize("name", available_models())
 def test_an_empty_input_is_refused(name):
-    with pytest.raises(EmptyInputError, match="at least one of image, text, audio"):
+    with pytest.raises(EmptyInputError, match="at least one of image, text"):
         build_model(name, **FAMILY_TINY[name])({"keys": []})
 
 

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from trimodal.cli.console import Device, console, say
-from trimodal.cli.tables import recall_table
+from trimodal.cli.tables import caption_table, recall_table
 
 
 def evaluate(
@@ -21,11 +21,15 @@ def evaluate(
     ttt: Annotated[bool, typer.Option("--ttt", help="Also evaluate with test-time memory updates.")] = False,
     ttt_k: Annotated[int | None, typer.Option("--ttt-k", help="Slots moved per query (default: the model's).")] = None,
     ttt_step: Annotated[float | None, typer.Option("--ttt-step", help="Step toward the query (default: the model's).")] = None,
+    beams: Annotated[int, typer.Option("--beams", min=1, help=(
+        "Captioning families: beam width of the generated captions (1 is greedy; 3, as most published "
+        "COCO captioning results)."))] = 3,
     shards: Annotated[Path | None, typer.Option("--shards", help="Shards (default: the run's).")] = None,
     features: Annotated[Path | None, typer.Option("--features", help="Feature store (default: the run's).")] = None,
     device: Device = "auto",
 ) -> None:
-    """Recall@1/5/10 and median rank in all six directions; writes RUN/eval-<split>.json.
+    """Recall@1/5/10 and median rank in all six directions; writes RUN/eval-<split>.json. Families that
+    generate captions (bitmar) also get BLEU-1..4, ROUGE-L and CIDEr, and RUN/captions-<split>.jsonl.
 
     Example: mm eval runs/mmn --split test --ttt
     Example: mm eval runs/coco --split test --folds 5
@@ -33,11 +37,16 @@ def evaluate(
     from trimodal.training.eval_run import evaluate_run
 
     result = evaluate_run(run, split=split, checkpoint=checkpoint, ttt=ttt, shards=shards, features=features,
-                          device=device, ttt_k=ttt_k, ttt_step=ttt_step, folds=folds)
+                          device=device, ttt_k=ttt_k, ttt_step=ttt_step, folds=folds, beams=beams)
     title = f"{split}: {result['images']} images, {result['captions']} captions, {result['utterances']} utterances"
     console.print(recall_table(result["directions"], title=title, ttt=result.get("directions_ttt")))
     if "directions_1k" in result:
         console.print(recall_table(result["directions_1k"], title=folds_title(split, result["folds"]["images"])))
+    if "captioning" in result:
+        captioning = result["captioning"]
+        console.print(caption_table(captioning, title=f"{split}: captions of {captioning['images']} images, "
+                                                      f"beam {captioning['beams']}"))
+        say(f"captions in {run / captioning['captions_file']}")
     say(f"written to {run / f'eval-{split}.json'}")
 
 

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from trimodal import __version__
-from trimodal.cli import datasets, demo, download, evaluate, featurize, info, shard, train, validate
+from trimodal.cli import caption, datasets, demo, download, evaluate, featurize, info, shard, train, validate
 from trimodal.cli.console import err_console
 from trimodal.errors import TrimodalError
 
@@ -46,6 +46,7 @@ app.command("shard")(shard.shard)
 app.command("featurize")(featurize.featurize)
 app.command("train", context_settings={"allow_extra_args": False})(train.train)
 app.command("eval")(evaluate.evaluate)
+app.command("caption")(caption.caption)
 app.command("info")(info.info)
 app.command("demo")(demo.demo)
 

@@ -1,4 +1,4 @@
-"""Recall tables, shared by `mm train`, `mm eval` and `mm demo`."""
+"""Recall and captioning tables, shared by `mm train`, `mm eval` and `mm demo`."""
 
 from __future__ import annotations
 
@@ -19,4 +19,13 @@ def recall_table(directions: dict, *, title: str, ttt: dict | None = None) -> Ta
         if ttt:
             row += [f"{ttt[name][k]:.3f}" if name in ttt else "–" for k in ("R@1", "R@10")]
         table.add_row(*row)
+    return table
+
+
+def caption_table(captioning: dict, *, title: str) -> Table:
+    metrics = [k for k in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr") if k in captioning]
+    table = Table(title=title)
+    for column in metrics:
+        table.add_column(column, justify="right")
+    table.add_row(*(f"{captioning[k]:.3f}" for k in metrics))
     return table

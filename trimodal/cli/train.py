@@ -25,7 +25,8 @@ def train(
     Model families ([model] name): mmn (Multimodal Memory Network), nlmm (Nested-Learning model with a
     Continuum Memory System and per-level optimizers), dualloop (fusion network with a learned
     learning-rate controller), cman (frozen pretrained towers with LoRA, a fusion transformer, max-margin
-    loss; its configs' first line names the featurize options it needs). Shipped configs:
+    loss; its configs' first line names the featurize options it needs), bitmar (BitNet b1.58 text encoder
+    and caption decoder, Larimar episodic memory, trained in [[train.stages]]). Shipped configs:
     configs/<family>-tiny.toml, configs/<family>-flickr8k.toml.
 
     Example: mm train configs/mmn-tiny.toml --shards shards/mini --features features/mini.zarr --out runs/tiny train.epochs=5

@@ -42,6 +42,23 @@ class TrainConfig:
     eval_batch_size: int = 256
     log_every: int = 10
     device: str = "auto"
+    # [[train.stages]]: consecutive phases, each {name, epochs, losses = [names the family knows],
+    # weights = {loss = w} (optional)}; `epochs` is then their sum, or, when set too, where the run stops
+    # (the stages in order, cut there). Empty: one phase of `epochs`.
+    stages: list[dict] = field(default_factory=list)
+
+    def stage_at(self, epoch: int) -> dict | None:
+        """The stage epoch `epoch` (0-based) belongs to; None without stages."""
+        end = 0
+        for stage in self.stages:
+            end += stage["epochs"]
+            if epoch < end:
+                return stage
+        return self.stages[-1] if self.stages else None
+
+    def last_stage_start(self) -> int:
+        """The first epoch of the last stage (0 without stages): the model's final form starts there."""
+        return sum(stage["epochs"] for stage in self.stages[:-1])
 
 
 @dataclass
@@ -117,11 +134,69 @@ def load_config(path: Path, overrides: list[str] = ()) -> RunConfig:
             problems.append(f"[train] {key} = {value!r}: expected {type(getattr(defaults, key)).__name__}")
         else:
             train_values[key] = float(value) if isinstance(getattr(defaults, key), float) else value
+    if train_values.get("stages"):
+        stage_problems = _check_stages(train_values["stages"], name)
+        problems += stage_problems
+        if not stage_problems:
+            total = sum(stage["epochs"] for stage in train_values["stages"])
+            limit = train_values.get("epochs", total)
+            if limit > total:
+                problems.append(f"[train] epochs = {limit} is more than the stages' {total} (set each stage's epochs)")
+            else:
+                train_values["stages"] = _cut_stages(train_values["stages"], limit)
+                train_values["epochs"] = limit
     train = TrainConfig(**train_values)
     problems += _check_ranges(train)
     if problems:
         raise ConfigError(f"{path}: " + "; ".join(problems))
     return RunConfig(name, model, train)
+
+
+def _cut_stages(stages: list[dict], epochs: int) -> list[dict]:
+    """The stages in order, stopped after `epochs` in all (`train.epochs=1` runs the first stage's first)."""
+    kept, left = [], epochs
+    for stage in stages:
+        if left <= 0:
+            break
+        kept.append({**stage, "epochs": min(stage["epochs"], left)})
+        left -= stage["epochs"]
+    return kept
+
+
+def _check_stages(stages: list, family: str | None) -> list[str]:
+    from trimodal.training.models import available_models, family_attribute
+
+    known = family_attribute(family, "loss_names") if family in available_models() else None
+    if stages and family in available_models() and known is None:
+        return [f"[[train.stages]]: model {family!r} does not train in stages (its loss is fixed)"]
+    problems = []
+    for number, stage in enumerate(stages, 1):
+        where = f"[[train.stages]] #{number}"
+        if not isinstance(stage, dict):
+            problems.append(f"{where} must be a table")
+            continue
+        unknown = sorted(set(stage) - {"name", "epochs", "losses", "weights"})
+        if unknown:
+            problems.append(f"{where}: no setting {', '.join(unknown)} (settings: name, epochs, losses, weights)")
+        if not isinstance(stage.get("name"), str):
+            problems.append(f"{where}: name must be a string")
+        epochs = stage.get("epochs")
+        if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+            problems.append(f"{where}: epochs must be an integer of at least 1")
+        losses = stage.get("losses")
+        if not isinstance(losses, list) or not losses or not all(isinstance(loss, str) for loss in losses):
+            problems.append(f"{where}: losses must be a non-empty list of loss names")
+        elif known is not None and set(losses) - set(known):
+            problems.append(f"{where}: unknown loss {', '.join(sorted(set(losses) - set(known)))} "
+                            f"(model {family!r} has {', '.join(known)})")
+        weights = stage.get("weights", {})
+        if not isinstance(weights, dict) or not all(isinstance(w, (int, float)) and not isinstance(w, bool)
+                                                    for w in weights.values()):
+            problems.append(f"{where}: weights must be a table of numbers by loss name")
+        elif isinstance(losses, list) and set(weights) - set(losses):
+            problems.append(f"{where}: weights name losses the stage does not train: "
+                            f"{', '.join(sorted(set(weights) - set(losses)))}")
+    return problems
 
 
 def _same_type(default, value) -> bool:

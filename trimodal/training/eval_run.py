@@ -26,27 +26,40 @@ def read_resolved_config(run: Path) -> dict:
         raise TrimodalError(f"cannot read {path}: {error}") from error
 
 
+def load_run(run: Path, checkpoint: str, device: str):
+    """(model with the run's `checkpoint` weights on `device`, the run's resolved config, the device)."""
+    if checkpoint not in ("best", "last"):
+        raise ConfigError(f"--checkpoint must be best or last (got {checkpoint!r})")
+    resolved = read_resolved_config(run)
+    model_settings = dict(resolved["model"])
+    model = build_model(model_settings.pop("name"), **model_settings)
+    load_weights(model, Path(run) / CHECKPOINTS / f"{checkpoint}.safetensors")
+    target = resolve_device(device)
+    return model.to(target).eval(), resolved, target
+
+
 def evaluate_run(run: Path, *, split: str = "test", checkpoint: str = "best", ttt: bool = False,
                  shards: Path | None = None, features: Path | None = None, device: str = "auto",
-                 ttt_k: int | None = None, ttt_step: float | None = None, folds: int | None = None) -> dict:
+                 ttt_k: int | None = None, ttt_step: float | None = None, folds: int | None = None,
+                 beams: int = 3) -> dict:
     """Evaluate and write `run/eval-<split>.json`; returns what was written.
 
     With `folds`, the split's images (in shard order) are also cut into that many consecutive folds, as
     equal as possible with the first ones one larger, and every direction is scored within each fold:
     "directions_folds" per fold and "directions_1k" their mean (COCO's 1k protocol for 5 folds of its
-    5,000 Karpathy test images). Folds apply to the plain evaluation only, not to TTT."""
+    5,000 Karpathy test images). Folds apply to the plain evaluation only, not to TTT.
+
+    A family that generates (`generate`) is also scored as a captioner (`beams` 1 is greedy, 3 the default): "captioning"
+    in the result, every caption in `run/captions-<split>.jsonl`, memory slot use in `run/plots`."""
+    if beams < 1:
+        raise ConfigError(f"--beams must be at least 1 (got {beams})")
     if checkpoint not in ("best", "last"):
         raise ConfigError(f"--checkpoint must be best or last (got {checkpoint!r})")
     run = Path(run)
-    resolved = read_resolved_config(run)
+    model, resolved, target = load_run(run, checkpoint, device)
+    family = resolved["model"]["name"]
     shards = Path(shards or resolved["data"]["shards"])
     features = Path(features or resolved["data"]["features"])
-    model_settings = dict(resolved["model"])
-    family = model_settings.pop("name")
-    model = build_model(family, **model_settings)
-    load_weights(model, run / CHECKPOINTS / f"{checkpoint}.safetensors")
-    target = resolve_device(device)
-    model.to(target)
     train = resolved["train"]
     from trimodal.training.config import TrainConfig
     from trimodal.training.trainer import max_audio_frames
@@ -75,8 +88,44 @@ def evaluate_run(run: Path, *, split: str = "test", checkpoint: str = "best", tt
                                                       k=ttt_k, step=ttt_step)
         result["mean_recall_ttt"] = mean_recall(result["directions_ttt"])
         result["ttt_settings"] = model.ttt_settings()
+    if hasattr(model, "generate") and data.images is not None and data.tokens is not None:
+        result.update(caption_evaluation(model, data, run, split, shards, store_config, target, beams,
+                                         int(train["batch_size"])))
     write_json(run / f"eval-{split}.json", result)
     return result
+
+
+def caption_evaluation(model, data, run: Path, split: str, shards: Path, store_config: dict, device,
+                       beams: int, episode_size: int) -> dict:
+    """Captions for every image of the split, scored; written to `captions-<split>.jsonl`."""
+    import json
+
+    from trimodal.atomic import atomic_path
+    from trimodal.training.captioning import (METRICS_SOURCE, CaptionTokens, caption_scores, generate_captions,
+                                              slot_access, split_references)
+    from trimodal.training.plots import plot_slot_access
+
+    tokens = CaptionTokens(store_config["text"]["tokenizer"])
+    references = split_references(shards, split)
+    captions, weights = generate_captions(model, data.images, tokens, device, beams=beams, episode_size=episode_size,
+                                          batch_size=episode_size * max(1, 256 // episode_size))
+    generated = dict(zip(data.keys, captions))
+    path = run / f"captions-{split}.jsonl"
+    try:
+        with atomic_path(path) as temporary:
+            temporary.write_text("".join(json.dumps({"key": key, "generated": generated[key],
+                                                     "references": references.get(key, [])}) + "\n"
+                                         for key in data.keys), encoding="utf-8")
+    except OSError as error:
+        raise TrimodalError(f"cannot write {path}: {error.strerror or error}") from error
+    access = slot_access(weights)
+    if bool(model.memory_trained):
+        (run / "plots").mkdir(exist_ok=True)
+        plot_slot_access(access["mean_abs_weight"], run / "plots" / f"memory-slots-{split}.png",
+                         f"memory slot access, {split} ({len(data.keys)} reads)")
+    return {"captioning": {**caption_scores(references, generated), "images": len(captions), "beams": beams,
+                           "captions_file": path.name, "metrics_from": METRICS_SOURCE},
+            "memory": {"used": bool(model.memory_trained), "episode_size": episode_size, **access}}
 
 
 def check_ttt_options(model, family: str, ttt_k: int | None, ttt_step: float | None) -> None:

@@ -132,6 +132,10 @@ def train(config_path: Path, shards: Path, features: Path, out: Path, *, resume:
     # Built before the run folder is touched: a bad model setting leaves no folder (and --overwrite
     # does not delete the previous run for nothing).
     model, model_settings = build_from_config(config, store.config)
+    unread = sorted(set(settings.modalities) - set(getattr(model, "modalities", settings.modalities)))
+    if unread:
+        raise ConfigError(f"model {config.model_name!r} reads {', '.join(model.modalities)}, not {', '.join(unread)}; "
+                          f"set train.modalities to {list(model.modalities)}")
     prepare_run_dir(run, resume=resume, overwrite=overwrite)
     model.to(device)
     parameters, trainable = parameter_counts(model)
@@ -180,11 +184,12 @@ def train(config_path: Path, shards: Path, features: Path, out: Path, *, resume:
     try:
         for epoch in range(start_epoch, settings.epochs):
             dataset.set_epoch(epoch)
+            stage = _enter_stage(model, settings, epoch)
             started, first_step = time.monotonic(), step
             step = _train_epoch(model, loader, optimization, settings, device, epoch, step, dataset.samples,
-                                metrics_file, writer, reporter)
+                                metrics_file, writer, reporter, stage)
             train_seconds, train_steps = train_seconds + time.monotonic() - started, train_steps + step - first_step
-            record = {"type": "val", "epoch": epoch, "step": step}
+            record = {"type": "val", "epoch": epoch, "step": step, **({"stage": stage["name"]} if stage else {})}
             if val_data is not None:
                 record["directions"] = evaluate_split(model, val_data, device, settings.eval_batch_size)
                 record["mean_recall"] = mean_recall(record["directions"])
@@ -194,9 +199,13 @@ def train(config_path: Path, shards: Path, features: Path, out: Path, *, resume:
                 writer.add_scalar("val/mean_recall", record["mean_recall"], epoch)
             optimization.end_epoch(record.get("mean_recall"))
             metrics_file.write(json.dumps(record) + "\n")
+            if hasattr(model, "quantisation"):
+                metrics_file.write(json.dumps({"type": "quantisation", "epoch": epoch, "step": step,
+                                               **model.quantisation()}) + "\n")
             metrics_file.flush()
             score = record.get("mean_recall", epoch)
-            if score > best:
+            # With stages, the best checkpoint comes from the last one: earlier stages train a partial model.
+            if score > best and epoch >= settings.last_stage_start():
                 best, best_epoch = score, epoch
                 save_weights(model, run / CHECKPOINTS / "best.safetensors", {"epoch": epoch, "step": step})
             save_weights(model, run / CHECKPOINTS / "last.safetensors", {"epoch": epoch, "step": step})
@@ -216,13 +225,24 @@ def train(config_path: Path, shards: Path, features: Path, out: Path, *, resume:
                        train_seconds, train_steps, trainable)
 
 
+def _enter_stage(model, settings: TrainConfig, epoch: int) -> dict | None:
+    """The stage of `epoch`, told to the model (`set_stage(losses)`); a family that trains in stages
+    and has none configured trains its `default_losses` throughout."""
+    stage = settings.stage_at(epoch)
+    if hasattr(model, "set_stage"):
+        model.set_stage(stage["losses"] if stage else model.default_losses)
+    return stage
+
+
 def _train_epoch(model, loader, optimization: Optimization, settings: TrainConfig, device, epoch, step, samples,
-                 metrics_file, writer, reporter) -> int:
+                 metrics_file, writer, reporter, stage: dict | None = None) -> int:
     model.train()
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=settings.amp and device.type == "cuda")
     started, seen, pending = time.monotonic(), 0, 0
     running: dict = {}
-    with reporter.task(f"epoch {epoch + 1}/{settings.epochs}", total=samples, unit="samples") as task:
+    weights = stage.get("weights", {}) if stage else settings.loss_weights
+    label = f"epoch {epoch + 1}/{settings.epochs}" + (f" ({stage['name']})" if stage else "")
+    with reporter.task(label, total=samples, unit="samples") as task:
         for batch in _batches(loader):
             if len(batch["keys"]) < 2:
                 continue
@@ -230,7 +250,7 @@ def _train_epoch(model, loader, optimization: Optimization, settings: TrainConfi
             present = {m: batch[f"{m}_present"] for m in settings.modalities}
             with amp:
                 latents = model(batch)
-            loss, pair_losses = training_loss(model, latents, present, settings.loss_weights)
+            loss, pair_losses = training_loss(model, latents, present, weights)
             (loss / settings.grad_accum).backward()
             pending += 1
             seen += len(batch["keys"])
@@ -241,11 +261,12 @@ def _train_epoch(model, loader, optimization: Optimization, settings: TrainConfi
                 step = _optimizer_step(model, optimization, step, loss)
                 pending = 0
                 if step % settings.log_every == 0:
-                    _log_train(metrics_file, writer, running, epoch, step, optimization, seen / (time.monotonic() - started), model)
+                    _log_train(metrics_file, writer, running, epoch, step, optimization, seen / (time.monotonic() - started),
+                               model, stage)
                     running = {}
             task.advance(len(batch["keys"]))
             if _note_due(seen, settings.batch_size):
-                task.update(description=f"epoch {epoch + 1}/{settings.epochs} loss {float(loss.detach()):.3f}")
+                task.update(description=f"{label} loss {float(loss.detach()):.3f}")
         if pending:
             step = _optimizer_step(model, optimization, step, loss)
     # Each worker drops at most one partial batch; fewer samples than that means batches were lost.
@@ -285,10 +306,11 @@ def _optimizer_step(model, optimization: Optimization, step: int, loss) -> int:
 
 
 def _log_train(metrics_file, writer, running: dict, epoch: int, step: int, optimization: Optimization,
-               samples_per_s: float, model) -> None:
+               samples_per_s: float, model, stage: dict | None = None) -> None:
     batches = running.pop("batches")
     means = {name: float(total) / batches for name, total in running.items()}
-    record = {"type": "train", "epoch": epoch, "step": step, "lr": optimization.lr,
+    record = {"type": "train", "epoch": epoch, "step": step, **({"stage": stage["name"]} if stage else {}),
+              "lr": optimization.lr,
               "loss": means.pop("loss"), "losses": means, "samples_per_s": samples_per_s,
               "temperature": float(1 / model.logit_scale.detach().exp()), **optimization.log_record()}
     metrics_file.write(json.dumps(record) + "\n")

@@ -51,6 +51,12 @@ def family_has(attribute: str) -> list[str]:
                   if hasattr(typing.get_type_hints(builder).get("return"), attribute))
 
 
+def family_attribute(name: str, attribute: str, default=None):
+    """A class attribute of family `name`'s model (e.g. its "loss_names"), or `default`."""
+    _load_families()
+    return getattr(typing.get_type_hints(_BUILDERS[name]).get("return"), attribute, default)
+
+
 def model_inputs(model) -> dict:
     """What `model` reads from the feature store (`trimodal.training.data.DEFAULT_INPUTS`): its own
     `store_inputs()`, else image tokens for models built with `image_tokens`."""
@@ -67,4 +73,4 @@ def parameter_counts(model) -> tuple[int, int]:
 
 
 def _load_families() -> None:
-    from trimodal.training.models import cman, dualloop, mmn, nlmm  # noqa: F401  (each registers itself)
+    from trimodal.training.models import bitmar, cman, dualloop, mmn, nlmm  # noqa: F401  (each registers itself)

@@ -1,0 +1,105 @@
+"""Captioning evaluation: generate a caption for every image of a split and score them against the
+split's reference captions (the raw `KEY.txt` lines of the shards).
+
+Metrics come from `pycocoevalcap` (the COCO caption evaluation code, as packaged on PyPI): BLEU-1..4
+(`Bleu(4)`, corpus-level, the closest reference length), ROUGE-L (`Rouge`) and CIDEr-D (`Cider`), all pure
+Python. Its PTB tokenizer, METEOR and SPICE run Java, so: captions are tokenised here the way the PTB
+tokenizer leaves them for these scorers (lower case, words and numbers, punctuation dropped), and METEOR
+is not reported (nltk's needs WordNet data that is downloaded at run time; nothing else packages it).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trimodal.errors import ConfigError
+from trimodal.pipeline.shard import read_index
+from trimodal.pipeline.stream import read_shard
+
+METRICS_SOURCE = ("pycocoevalcap (Bleu, Rouge, Cider); lower-cased word tokens, punctuation dropped; "
+                  "METEOR not reported (its maintained implementations need Java or downloaded WordNet data)")
+_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+
+
+def caption_words(text: str) -> str:
+    """A caption as the scorers read it: lower-case words separated by single spaces, no punctuation."""
+    return " ".join(_WORD.findall(text.lower()))
+
+
+def split_references(shards: Path, split: str) -> dict[str, list[str]]:
+    """Every image key of `split` and its reference captions, in shard order."""
+    index = read_index(Path(shards))
+    references: dict[str, list[str]] = {}
+    for shard in index["splits"][split]["shards"]:
+        contents = read_shard(Path(shards) / shard["name"], images=False, audio=False)
+        start = 0
+        for key, count in zip(contents.keys, contents.caption_counts):
+            references[key] = contents.captions[start : start + count]
+            start += count
+    return references
+
+
+def caption_scores(references: dict[str, list[str]], generated: dict[str, str]) -> dict[str, float]:
+    """BLEU-1..4, ROUGE-L and CIDEr of `generated` (one caption per key) against `references`."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    keys = [key for key in generated if references.get(key)]
+    if not keys:
+        raise ConfigError("no generated caption has a reference caption to be scored against")
+    gts = {key: [caption_words(text) for text in references[key]] for key in keys}
+    res = {key: [caption_words(generated[key]) or "<empty>"] for key in keys}  # the scorers need a word
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    rouge, _ = Rouge().compute_score(gts, res)
+    cider, _ = Cider().compute_score(gts, res)
+    return {**{f"BLEU-{n}": float(bleu[n - 1]) for n in range(1, 5)}, "ROUGE-L": float(rouge), "CIDEr": float(cider)}
+
+
+class CaptionTokens:
+    """Token ids <-> text for the store's tokenizer (`open_clip:<model>`, a SimpleTokenizer)."""
+
+    def __init__(self, spec: str):
+        from trimodal.features.text import OpenClipTokenizer
+
+        tokenizer = OpenClipTokenizer(spec)._tokenizer
+        missing = [name for name in ("sot_token_id", "eot_token_id", "decode") if not hasattr(tokenizer, name)]
+        if missing:
+            raise ConfigError(f"captions cannot be decoded with the store's tokenizer {spec} "
+                              f"({type(tokenizer).__name__} has no {', '.join(missing)})")
+        self._tokenizer = tokenizer
+        self.start, self.end = int(tokenizer.sot_token_id), int(tokenizer.eot_token_id)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode([i for i in ids if i not in (0, self.start, self.end)]).strip()
+
+
+def generate_captions(model, images: np.ndarray, tokens: CaptionTokens, device: torch.device, *, beams: int = 1,
+                      episode_size: int = 32, batch_size: int = 256) -> tuple[list[str], np.ndarray]:
+    """A caption for each (N, image_dim) image vector, and the memory slot weights of each read (N, K)."""
+    captions, weights = [], []
+    for first in range(0, len(images), batch_size):
+        chunk = torch.from_numpy(np.asarray(images[first : first + batch_size], np.float32)).to(device)
+        ids, slot_weights = model.generate(chunk, start=tokens.start, end=tokens.end, beams=beams,
+                                           episode_size=episode_size)
+        captions += [tokens.decode(row) for row in ids]
+        weights.append(slot_weights.float().cpu().numpy())
+    return captions, np.concatenate(weights) if weights else np.zeros((0, 0), np.float32)
+
+
+def slot_access(weights: np.ndarray) -> dict:
+    """How the memory's slots were addressed: mean |w| per slot, and how evenly (entropy / log K)."""
+    access = np.abs(weights).mean(axis=0) if len(weights) else np.zeros(0)
+    total = float(access.sum())
+    if total <= 0:
+        return {"slots": int(access.size), "mean_abs_weight": access.tolist(), "normalised_entropy": 0.0,
+                "slots_for_half_the_mass": 0}
+    share = access / total
+    entropy = float(-(share[share > 0] * np.log(share[share > 0])).sum() / np.log(len(share)))
+    half = int(np.searchsorted(np.cumsum(np.sort(share)[::-1]), 0.5) + 1)
+    return {"slots": int(access.size), "mean_abs_weight": access.tolist(), "normalised_entropy": entropy,
+            "slots_for_half_the_mass": half}
