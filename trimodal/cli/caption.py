@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from trimodal.cli.console import Device, console
+from trimodal.cli.console import Device
 
 
 def caption(
@@ -31,4 +31,4 @@ def caption(
     keys = [*(keys or []), *(extra_keys or [])]
     for name, text in caption_run(run, images=image or [], features=features, keys=keys, beams=beams,
                                   checkpoint=checkpoint, device=device):
-        console.print(f"{name}\t{text}", highlight=False, markup=False, soft_wrap=True)
+        typer.echo(f"{name}\t{text}")  # plain, tab-separated: for pipes as much as for eyes
