@@ -182,3 +182,19 @@ def mini_cman_features(mini_shards, tmp_path_factory) -> Path:
     options = featurize_line(shipped_config("cman-tiny"))
     assert main(["featurize", str(mini_shards), "--out", str(out), "--device", "cpu", *options]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def babylm_sources(tmp_path_factory) -> tuple[Path, Path]:
+    """(shards, store) of a generated BabyLM-format set: 900 templated captions with 768-d vectors that sum
+    one random direction per attribute (noise 0.5), 5% val and 5% test, the vectors imported (read-only)."""
+    from trimodal.features.featurize import FeaturizeOptions, featurize
+    from trimodal.pipeline.shard import ShardOptions, shard_dataset
+    from trimodal.pipeline.synthetic_babylm import write_babylm
+
+    base = tmp_path_factory.mktemp("babylm")
+    write_babylm(base / "data" / "babylm-mm", cc3m=900, noise=0.5)
+    shard_dataset("babylm-mm", base / "data", base / "shards", ShardOptions(max_samples=200),
+                  source_options={"val_fraction": 0.05, "test_fraction": 0.05})
+    featurize(base / "shards", base / "f.zarr", FeaturizeOptions(device="cpu", audio=None))
+    return base / "shards", base / "f.zarr"

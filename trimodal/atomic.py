@@ -21,6 +21,12 @@ def atomic_path(path: Path) -> Iterator[Path]:
         temporary.unlink(missing_ok=True)
 
 
+def write_jsonl(path: Path, rows) -> None:
+    """One JSON object per line."""
+    with atomic_path(path) as temporary:
+        temporary.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+
+
 def write_json(path: Path, value, *, sort_keys: bool = False) -> None:
     with atomic_path(path) as temporary:
         temporary.write_text(json.dumps(value, indent=2, ensure_ascii=False, sort_keys=sort_keys) + "\n",

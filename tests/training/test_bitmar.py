@@ -106,7 +106,7 @@ def _caption_checks(result):
 
 
 @pytest.mark.slow
-def test_the_tiny_config_captions_the_mini_test_split_and_retrieves(mini_shards, mini_features, tmp_path, mm):
+def test_the_tiny_config_captions_the_mini_test_split_and_retrieves(mini_root, mini_shards, mini_features, tmp_path, mm):
     run = tmp_path / "bitmar"
     train(shipped_config("bitmar-tiny"), mini_shards, mini_features, run)
     result = evaluate_run(run, split="test", device="cpu")
@@ -124,37 +124,22 @@ def test_the_tiny_config_captions_the_mini_test_split_and_retrieves(mini_shards,
     assert printed.exit_code == 0, printed.output
     lines = printed.output.strip().splitlines()
     assert [line.split("\t")[0] for line in lines] == keys and all(line.split("\t")[1] for line in lines)
-    image = next(mini_shards.parent.rglob("*.jpg"), None) or _an_image(tmp_path)
+    image = next(mini_root.rglob("*.jpg"))
     printed = mm("caption", str(run), "--image", str(image), "--beams", "1")
     assert printed.exit_code == 0 and printed.output.startswith(str(image) + "\t"), printed.output
     printed = mm("caption", str(run), "--keys", "no-such-key")
     assert printed.exit_code == 1 and "has no image no-such-key" in printed.output
 
 
-def _an_image(tmp_path):
-    from PIL import Image
-
-    path = tmp_path / "red.jpg"
-    Image.new("RGB", (64, 64), (220, 30, 30)).save(path)
-    return path
-
-
 @pytest.mark.slow
-def test_the_tiny_config_captions_a_generated_babylm_format_set(tmp_path):
-    from trimodal.features.featurize import FeaturizeOptions, featurize
-    from trimodal.pipeline.shard import ShardOptions, shard_dataset
-    from trimodal.pipeline.synthetic_babylm import write_babylm
-
-    write_babylm(tmp_path / "data" / "babylm-mm", cc3m=900, noise=0.5)
-    shard_dataset("babylm-mm", tmp_path / "data", tmp_path / "shards", ShardOptions(max_samples=200),
-                  source_options={"val_fraction": 0.05, "test_fraction": 0.05})
-    featurize(tmp_path / "shards", tmp_path / "f.zarr", FeaturizeOptions(device="cpu", audio=None))
+def test_the_tiny_config_captions_a_generated_babylm_format_set(babylm_sources, tmp_path):
+    shards, features = babylm_sources
     run = tmp_path / "run"
     # Fewer epochs than on mini: 810 training rows instead of 200, and vectors that carry every attribute.
     stages = ('train.stages=[{ name = "text", epochs = 1, losses = ["lm"] }, '
               '{ name = "align", epochs = 6, losses = ["contrastive", "caption"] }, '
               '{ name = "memory", epochs = 3, losses = ["contrastive", "caption", "memory"] }]')
-    train(shipped_config("bitmar-tiny"), tmp_path / "shards", tmp_path / "f.zarr", run, overrides=[stages])
+    train(shipped_config("bitmar-tiny"), shards, features, run, overrides=[stages])
     _caption_checks(evaluate_run(run, split="test", device="cpu"))
 
 

@@ -16,7 +16,7 @@ FAMILY_TINY = {
     "dualloop": dict(**INPUTS, layers=1, fusion_layers=1),
     "cman": dict(image_dim=24, vocab_size=100, context_length=12, n_mels=10, dropout=0.0, fusion_dim=32, fusion_heads=4,
                  fusion_layers=1, latent_dim=16, encoder_dim=32, encoder_layers=1, adapt_blocks=0),
-    "bitmar": dict(image_dim=24, vocab_size=100, context_length=12, dropout=0.0, dim=32, heads=4, latent_dim=16,
+    "bitmar": dict(image_dim=24, vocab_size=100, dropout=0.0, dim=32, heads=4, latent_dim=16,
                    encoder_layers=1, decoder_layers=1, episode_dim=16, memory_size=24),
 }
 

@@ -42,6 +42,19 @@ class OpenClipTokenizer:
             return np.zeros((0, self.context_length), dtype=np.int32)
         return self._tokenizer(captions).numpy().astype(np.int32)
 
+    def special_ids(self) -> tuple[int, int]:
+        """(start-of-text, end-of-text) ids, what a caption decoder starts from and stops at."""
+        start, end = getattr(self._tokenizer, "sot_token_id", None), getattr(self._tokenizer, "eot_token_id", None)
+        if start is None or end is None or not hasattr(self._tokenizer, "decode"):
+            raise ConfigError(f"captions cannot be generated with the tokenizer {self.spec} "
+                              f"({type(self._tokenizer).__name__} has no start/end-of-text ids or decode)")
+        return int(start), int(end)
+
+    def decode(self, ids: list[int]) -> str:
+        """Token ids back to text, without padding and start/end-of-text."""
+        special = {0, *self.special_ids()}
+        return self._tokenizer.decode([i for i in ids if i not in special]).strip()
+
 
 class OpenClipTextTower:
     """Token ids (C, context) -> pooled embeddings (C, D) and, with `tokens`, the states after block `layer`."""

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 
 from trimodal.errors import ConfigError, TrimodalError
 from trimodal.features.store import FeatureStore
-from trimodal.training.captioning import CaptionTokens, generate_captions
+from trimodal.features.text import OpenClipTokenizer
+from trimodal.training.captioning import generate_captions
 from trimodal.training.eval_run import load_run
 
 
@@ -31,9 +33,8 @@ def caption_run(run: Path, *, images: list[Path] = (), features: Path | None = N
         store = FeatureStore.open(Path(features or resolved["data"]["features"]))
         _check_same_encoder(store.config.get("image") or {}, run_store.config.get("image") or {}, store.path)
         vectors, names = stored_images(store, list(keys)), list(keys)
-    tokens = CaptionTokens(run_store.config["text"]["tokenizer"])
-    captions, _ = generate_captions(model, vectors, tokens, target, beams=beams,
-                                    episode_size=int(resolved["train"]["batch_size"]))
+    captions, _ = generate_captions(model, vectors, OpenClipTokenizer(run_store.config["text"]["tokenizer"]), target,
+                                    beams=beams, episode_size=int(resolved["train"]["batch_size"]))
     return list(zip(names, captions))
 
 
@@ -45,12 +46,18 @@ def _embed_files(paths: list[Path], image_config: dict, device) -> np.ndarray:
     if image_config.get("family") not in ("open_clip", "timm") or not spec:
         raise ConfigError("this run's image vectors came with the dataset (no image encoder ran), so image files "
                           "cannot be embedded like them; caption stored images with --features STORE --keys KEY …")
+    from PIL import Image, UnidentifiedImageError
+
     blobs = []
     for path in paths:
         try:
             blobs.append(Path(path).read_bytes())
         except OSError as error:
             raise TrimodalError(f"cannot read image {path}: {error.strerror or error}") from error
+        try:
+            Image.open(io.BytesIO(blobs[-1])).verify()
+        except (OSError, UnidentifiedImageError, SyntaxError) as error:  # PIL's errors for damaged files
+            raise TrimodalError(f"{path} is not an image that can be decoded ({type(error).__name__})") from error
     extractor = make_image_extractor(spec, device, index={"modalities": ["image"]})
     pooled, _ = extractor(blobs)
     return pooled

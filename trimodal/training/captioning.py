@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from trimodal.errors import ConfigError
+from trimodal.features.text import OpenClipTokenizer
 from trimodal.pipeline.shard import read_index
 from trimodal.pipeline.stream import read_shard
 
@@ -60,33 +61,17 @@ def caption_scores(references: dict[str, list[str]], generated: dict[str, str]) 
     return {**{f"BLEU-{n}": float(bleu[n - 1]) for n in range(1, 5)}, "ROUGE-L": float(rouge), "CIDEr": float(cider)}
 
 
-class CaptionTokens:
-    """Token ids <-> text for the store's tokenizer (`open_clip:<model>`, a SimpleTokenizer)."""
-
-    def __init__(self, spec: str):
-        from trimodal.features.text import OpenClipTokenizer
-
-        tokenizer = OpenClipTokenizer(spec)._tokenizer
-        missing = [name for name in ("sot_token_id", "eot_token_id", "decode") if not hasattr(tokenizer, name)]
-        if missing:
-            raise ConfigError(f"captions cannot be decoded with the store's tokenizer {spec} "
-                              f"({type(tokenizer).__name__} has no {', '.join(missing)})")
-        self._tokenizer = tokenizer
-        self.start, self.end = int(tokenizer.sot_token_id), int(tokenizer.eot_token_id)
-
-    def decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode([i for i in ids if i not in (0, self.start, self.end)]).strip()
-
-
-def generate_captions(model, images: np.ndarray, tokens: CaptionTokens, device: torch.device, *, beams: int = 1,
-                      episode_size: int = 32, batch_size: int = 256) -> tuple[list[str], np.ndarray]:
-    """A caption for each (N, image_dim) image vector, and the memory slot weights of each read (N, K)."""
+def generate_captions(model, images: np.ndarray, tokenizer: OpenClipTokenizer, device: torch.device, *,
+                      beams: int = 1, episode_size: int = 32, batch_size: int = 256) -> tuple[list[str], np.ndarray]:
+    """A caption for each (N, image_dim) image vector, and the memory slot weights of each read (N, K).
+    Batches are whole episodes, so the memory episodes do not depend on `batch_size`."""
+    start, end = tokenizer.special_ids()
+    batch_size = episode_size * max(1, batch_size // episode_size)
     captions, weights = [], []
     for first in range(0, len(images), batch_size):
         chunk = torch.from_numpy(np.asarray(images[first : first + batch_size], np.float32)).to(device)
-        ids, slot_weights = model.generate(chunk, start=tokens.start, end=tokens.end, beams=beams,
-                                           episode_size=episode_size)
-        captions += [tokens.decode(row) for row in ids]
+        ids, slot_weights = model.generate(chunk, start=start, end=end, beams=beams, episode_size=episode_size)
+        captions += [tokenizer.decode(row) for row in ids]
         weights.append(slot_weights.float().cpu().numpy())
     return captions, np.concatenate(weights) if weights else np.zeros((0, 0), np.float32)
 

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from trimodal.errors import ConfigError
-from trimodal.training.models import available_models, model_defaults
+from trimodal.training.models import available_models, family_attribute, model_defaults
 
 SECTIONS = ("model", "train")
 
@@ -164,8 +164,6 @@ def _cut_stages(stages: list[dict], epochs: int) -> list[dict]:
 
 
 def _check_stages(stages: list, family: str | None) -> list[str]:
-    from trimodal.training.models import available_models, family_attribute
-
     known = family_attribute(family, "loss_names") if family in available_models() else None
     if stages and family in available_models() and known is None:
         return [f"[[train.stages]]: model {family!r} does not train in stages (its loss is fixed)"]

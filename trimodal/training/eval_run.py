@@ -5,7 +5,7 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from trimodal.atomic import write_json
+from trimodal.atomic import write_json, write_jsonl
 from trimodal.errors import ConfigError, TrimodalError
 from trimodal.features.image import resolve_device
 from trimodal.training.checkpoint import load_weights
@@ -53,8 +53,6 @@ def evaluate_run(run: Path, *, split: str = "test", checkpoint: str = "best", tt
     in the result, every caption in `run/captions-<split>.jsonl`, memory slot use in `run/plots`."""
     if beams < 1:
         raise ConfigError(f"--beams must be at least 1 (got {beams})")
-    if checkpoint not in ("best", "last"):
-        raise ConfigError(f"--checkpoint must be best or last (got {checkpoint!r})")
     run = Path(run)
     model, resolved, target = load_run(run, checkpoint, device)
     family = resolved["model"]["name"]
@@ -88,44 +86,44 @@ def evaluate_run(run: Path, *, split: str = "test", checkpoint: str = "best", tt
                                                       k=ttt_k, step=ttt_step)
         result["mean_recall_ttt"] = mean_recall(result["directions_ttt"])
         result["ttt_settings"] = model.ttt_settings()
+    captions = None
     if hasattr(model, "generate") and data.images is not None and data.tokens is not None:
-        result.update(caption_evaluation(model, data, run, split, shards, store_config, target, beams,
-                                         int(train["batch_size"])))
-    write_json(run / f"eval-{split}.json", result)
+        captioning, captions = caption_evaluation(model, data, run, split, shards, store_config, target, beams,
+                                                  int(train["batch_size"]))
+        result.update(captioning)
+    writes = [(run / f"eval-{split}.json", lambda path: write_json(path, result))]  # the summary last
+    if captions is not None:
+        writes.insert(0, (run / result["captioning"]["captions_file"], lambda path: write_jsonl(path, captions)))
+    for path, write in writes:
+        try:
+            write(path)
+        except OSError as error:
+            raise TrimodalError(f"cannot write {path}: {error.strerror or error}") from error
     return result
 
 
 def caption_evaluation(model, data, run: Path, split: str, shards: Path, store_config: dict, device,
-                       beams: int, episode_size: int) -> dict:
-    """Captions for every image of the split, scored; written to `captions-<split>.jsonl`."""
-    import json
-
-    from trimodal.atomic import atomic_path
-    from trimodal.training.captioning import (METRICS_SOURCE, CaptionTokens, caption_scores, generate_captions,
-                                              slot_access, split_references)
+                       beams: int, episode_size: int) -> tuple[dict, list[dict]]:
+    """Captions for every image of the split, scored: the result's "captioning" and "memory", and the
+    lines of `captions-<split>.jsonl` (key, generated, references)."""
+    from trimodal.features.text import OpenClipTokenizer
+    from trimodal.training.captioning import (METRICS_SOURCE, caption_scores, generate_captions, slot_access,
+                                              split_references)
     from trimodal.training.plots import plot_slot_access
 
-    tokens = CaptionTokens(store_config["text"]["tokenizer"])
     references = split_references(shards, split)
-    captions, weights = generate_captions(model, data.images, tokens, device, beams=beams, episode_size=episode_size,
-                                          batch_size=episode_size * max(1, 256 // episode_size))
+    captions, weights = generate_captions(model, data.images, OpenClipTokenizer(store_config["text"]["tokenizer"]),
+                                          device, beams=beams, episode_size=episode_size)
     generated = dict(zip(data.keys, captions))
-    path = run / f"captions-{split}.jsonl"
-    try:
-        with atomic_path(path) as temporary:
-            temporary.write_text("".join(json.dumps({"key": key, "generated": generated[key],
-                                                     "references": references.get(key, [])}) + "\n"
-                                         for key in data.keys), encoding="utf-8")
-    except OSError as error:
-        raise TrimodalError(f"cannot write {path}: {error.strerror or error}") from error
     access = slot_access(weights)
     if bool(model.memory_trained):
         (run / "plots").mkdir(exist_ok=True)
         plot_slot_access(access["mean_abs_weight"], run / "plots" / f"memory-slots-{split}.png",
                          f"memory slot access, {split} ({len(data.keys)} reads)")
+    lines = [{"key": key, "generated": generated[key], "references": references.get(key, [])} for key in data.keys]
     return {"captioning": {**caption_scores(references, generated), "images": len(captions), "beams": beams,
-                           "captions_file": path.name, "metrics_from": METRICS_SOURCE},
-            "memory": {"used": bool(model.memory_trained), "episode_size": episode_size, **access}}
+                           "captions_file": f"captions-{split}.jsonl", "metrics_from": METRICS_SOURCE},
+            "memory": {"used": bool(model.memory_trained), "episode_size": episode_size, **access}}, lines
 
 
 def check_ttt_options(model, family: str, ttt_k: int | None, ttt_step: float | None) -> None:

@@ -47,8 +47,10 @@ def model_defaults(name: str) -> dict:
 def family_has(attribute: str) -> list[str]:
     """The families whose model class defines `attribute` (e.g. "ttt_settings")."""
     _load_families()
-    return sorted(name for name, builder in _BUILDERS.items()
-                  if hasattr(typing.get_type_hints(builder).get("return"), attribute))
+    return sorted(name for name in _BUILDERS if family_attribute(name, attribute, _ABSENT) is not _ABSENT)
+
+
+_ABSENT = object()
 
 
 def family_attribute(name: str, attribute: str, default=None):

@@ -83,7 +83,7 @@ class BitMar(nn.Module):
     # -- encoders ------------------------------------------------------------------------------------
 
     def _text(self, ids: torch.Tensor) -> torch.Tensor:
-        ids = ids[:, : caption_extent(ids)]
+        """Pooled encoder states of ids already cut at the batch's extent (`caption_extent`)."""
         mask = ids != 0
         return masked_mean(self.text_encoder(self.token_embedding(ids), mask), mask)
 
@@ -91,7 +91,8 @@ class BitMar(nn.Module):
         if modality == "image":
             return F.normalize(self.image_latent(self.vision(batch["image"])), dim=-1)
         if modality == "text":
-            return F.normalize(self.text_latent(self._text(batch["text"])), dim=-1)
+            ids = batch["text"]
+            return F.normalize(self.text_latent(self._text(ids[:, : caption_extent(ids)])), dim=-1)
         raise ValueError(f"bitmar encodes image and text, not {modality}")
 
     def episodes(self, vision: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
@@ -111,19 +112,19 @@ class BitMar(nn.Module):
         present = [m for m in self.modalities if m in batch]
         if not present:
             raise EmptyInputError("empty input: a batch needs at least one of image, text (bitmar reads no audio)")
-        latents, vision, text = {}, None, None
+        latents, vision, text, ids = {}, None, None, None
         if "image" in batch:
             vision = self.vision(batch["image"])
             latents["image"] = F.normalize(self.image_latent(vision), dim=-1)
         if "text" in batch:
-            text = self._text(batch["text"])
+            ids = batch["text"][:, : caption_extent(batch["text"])]  # nothing past the last end-of-text is read
+            text = self._text(ids)
             latents["text"] = F.normalize(self.text_latent(text), dim=-1)
-        if self.training and "text" in batch:
-            latents.update(self._generative_losses(batch, vision, text))
+        if self.training and ids is not None:
+            latents.update(self._generative_losses(batch, ids, vision, text))
         return latents
 
-    def _generative_losses(self, batch: dict, vision, text) -> dict[str, torch.Tensor]:
-        ids = batch["text"]
+    def _generative_losses(self, batch: dict, ids: torch.Tensor, vision, text) -> dict[str, torch.Tensor]:
         rows = batch.get("text_present", torch.ones(len(ids), dtype=torch.bool, device=ids.device))
         losses = {}
         if "lm" in self.losses:
@@ -150,7 +151,6 @@ class BitMar(nn.Module):
 
     def caption_loss(self, prefix: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of each next caption token (after start-of-text) given `prefix` (B, P, dim)."""
-        ids = ids[:, : caption_extent(ids)]
         inputs, targets = ids[:, :-1], ids[:, 1:]
         hidden = self.decoder(torch.cat([prefix, self.token_embedding(inputs)], dim=1))[:, prefix.shape[1] :]
         real = targets != 0  # padding is never predicted (nor computed)
@@ -176,7 +176,6 @@ class BitMar(nn.Module):
         """Caption token ids for (N, image_dim) image vectors (without start/end tokens), and the memory
         slot weights of each read (N, K; zeros when no stage trained the memory). The images are written
         to memory in consecutive episodes of `episode_size`, as training writes its batches."""
-        self.eval()
         vision = self.vision(images)
         weights = torch.zeros(len(images), self.memory.slots, device=images.device)
         if bool(self.memory_trained):
@@ -202,12 +201,12 @@ class BitMar(nn.Module):
 
 
 @register_model("bitmar")
-def bitmar(*, image_dim: int = 768, vocab_size: int = 49408, context_length: int = 77, dim: int = 128, heads: int = 4,
+def bitmar(*, image_dim: int = 768, vocab_size: int = 49408, dim: int = 128, heads: int = 4,
            encoder_layers: int = 2, decoder_layers: int = 2, fusion_layers: int = 1, mlp_ratio: float = 2.0,
            latent_dim: int = 128, memory_size: int = 512, episode_dim: int = 128, pinv_steps: int = 15,
            write_noise: float = 1e-6, dropout: float = 0.1, max_caption_tokens: int = 32) -> BitMar:
-    """`context_length` is the store's (captions are read up to their end-of-text token); `pinv_steps`
-    0 takes exact (SVD) pseudo-inverses instead of Ben-Israel–Cohen iterations."""
+    """`pinv_steps` 0 takes exact (SVD) pseudo-inverses instead of Ben-Israel–Cohen iterations. Captions
+    are read up to their end-of-text token, so the store's context length is no setting."""
     from trimodal.errors import ConfigError
 
     problems = [f"{name} must be at least 1" for name, value in
