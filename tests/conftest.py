@@ -162,26 +162,77 @@ def mini_shards(mini_root, tmp_path_factory) -> Path:
     return _sharded("mini", mini_root, tmp_path_factory)
 
 
-@pytest.fixture(scope="session")
-def mini_features(mini_shards, tmp_path_factory) -> Path:
-    """The mini shards featurized with the defaults: random-init open_clip ViT-B-32, mel80, tokens."""
-    from trimodal.features.featurize import FeaturizeOptions, featurize
-
-    out = tmp_path_factory.mktemp("mini-features") / "mini.zarr"
-    featurize(mini_shards, out, FeaturizeOptions(device="cpu"))
-    return out
-
-
-@pytest.fixture(scope="session")
-def mini_cman_features(mini_shards, tmp_path_factory) -> Path:
-    """The mini shards featurized as configs/cman-tiny.toml's `# featurize:` line asks (random-init towers)."""
+def featurizer(shards: Path, tmp_path_factory, name: str):
+    """A factory: `shards` featurized on the CPU with extra `mm featurize` options (a config's `# featurize:`
+    line), once per distinct set of options (random-init towers: pretrained weight tags are dropped)."""
     from trimodal.cli.main import main
+
+    stores = {}
+
+    def store(options=()) -> Path:
+        key = tuple(random_weights(list(options)))
+        if key not in stores:
+            out = tmp_path_factory.mktemp(f"{name}-features") / "store.zarr"
+            assert main(["featurize", str(shards), "--out", str(out), "--device", "cpu", *key]) == 0, key
+            stores[key] = out
+        return stores[key]
+
+    return store
+
+
+def random_weights(options: list[str]) -> list[str]:
+    """Featurize options with pretrained weights (`open_clip:ViT-B-32:openai:layer=10`,
+    `torchaudio:HUBERT_BASE:pretrained`) made random-init towers: no download in tests."""
+    return [re.sub(r"^(open_clip|timm|torchaudio):([^:]+):(?!layer=)[^:]+", r"\1:\2", option) for option in options]
+
+
+@pytest.fixture(scope="session")
+def featurized_mini(mini_shards, tmp_path_factory):
+    """`featurizer` over the mini shards (read-only stores)."""
+    return featurizer(mini_shards, tmp_path_factory, "mini")
+
+
+@pytest.fixture(scope="session")
+def mini_features(featurized_mini) -> Path:
+    """The mini shards featurized with the defaults: random-init open_clip ViT-B-32, mel80, tokens."""
+    return featurized_mini()
+
+
+@pytest.fixture(scope="session")
+def mini_cman_features(featurized_mini) -> Path:
+    """The mini shards featurized as configs/cman-tiny.toml's `# featurize:` line asks (random-init towers)."""
     from trimodal.training.config import featurize_line, shipped_config
 
-    out = tmp_path_factory.mktemp("mini-cman-features") / "cman.zarr"
-    options = featurize_line(shipped_config("cman-tiny"))
-    assert main(["featurize", str(mini_shards), "--out", str(out), "--device", "cpu", *options]) == 0
-    return out
+    return featurized_mini(featurize_line(shipped_config("cman-tiny")))
+
+
+@pytest.fixture(scope="session")
+def micro_shards(mini_root, tmp_path_factory) -> Path:
+    """A few mini samples (8 train, 4 val, 4 test, with their speech) sharded through a custom JSONL
+    manifest: enough for one training step of any config, small enough for full-size towers on a CPU."""
+    import json
+
+    from trimodal.pipeline.shard import ShardOptions, shard_dataset
+    from trimodal.pipeline.sources import scan_source
+
+    base = tmp_path_factory.mktemp("micro")
+    wanted = {"train": 8, "val": 4, "test": 4}
+    rows = []
+    for sample in scan_source("mini", mini_root).samples:
+        if wanted.get(sample.split, 0) > 0:
+            wanted[sample.split] -= 1
+            rows.append({"key": sample.key, "image": str(sample.image), "split": sample.split,
+                         "captions": [c.text for c in sample.captions], "audio": [c.audio for c in sample.captions]})
+    manifest = base / "micro.jsonl"
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    shard_dataset("custom", None, base / "shards", ShardOptions(workers=1), source_options={"manifest": manifest})
+    return base / "shards"
+
+
+@pytest.fixture(scope="session")
+def featurized_micro(micro_shards, tmp_path_factory):
+    """`featurizer` over the micro shards."""
+    return featurizer(micro_shards, tmp_path_factory, "micro")
 
 
 @pytest.fixture(scope="session")

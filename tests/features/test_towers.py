@@ -11,7 +11,7 @@ from trimodal.features.image import parse_encoder
 from trimodal.features.speech import SpeechTowerExtractor
 from trimodal.features.text import OpenClipTokenizer, make_text_extractors
 from trimodal.features.towers import ProjectedAttention, SpeechCut, TimmVitCut
-from trimodal.training.models.lora import tower_top
+from trimodal.training.models.cman.lora import tower_top
 
 CPU = torch.device("cpu")
 CAPTIONS = ["a red square on a blue background .", "a dog", "there is a small green star against grey sky"]

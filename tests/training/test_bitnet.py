@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trimodal.training.generation import beam_search
-from trimodal.training.models.bitnet import BitLinear, BitTransformer, quantisation_report
-from trimodal.training.models.larimar import EpisodicMemory, pseudo_inverse
+from trimodal.training.models.bitmar.generation import beam_search
+from trimodal.training.models.bitmar.bitnet import BitLinear, BitTransformer, quantisation_report
+from trimodal.training.models.bitmar.larimar import EpisodicMemory, pseudo_inverse
 
 
 def test_bitlinear_forward_is_rmsnorm_then_absmax8_activations_times_absmean_ternary_weights():

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from trimodal.errors import ConfigError
-from trimodal.training.config import TrainConfig
+from trimodal.training.settings import TrainConfig
 from trimodal.training.losses import multimodal_max_margin
-from trimodal.training.models import build_model, model_inputs, parameter_counts
+from trimodal.training.models import build_model, parameter_counts
 from trimodal.training.optimization import Optimization
 
 SMALL = dict(image_dim=16, vocab_size=50, context_length=8, n_mels=8, fusion_dim=32, fusion_heads=4, fusion_layers=1,
@@ -74,7 +74,7 @@ def test_the_max_margin_loss_over_every_pair_and_the_other_choices():
 def test_lora_parameters_are_the_only_trainable_tower_parameters():
     model = build_model("cman", **{**SMALL, "image_dim": 512, "text_dim": 512, "adapt_blocks": 1}, rank=4,
                         image_tower="open_clip:ViT-B-32:layer=11", text_tower="open_clip:ViT-B-32:layer=11")
-    assert model_inputs(model) == {"image": "tokens", "text": "states"}
+    assert model.store_inputs() == {"image": "tokens", "text": "states"}
     for modality in ("image", "text"):
         top = model.inputs[modality].top
         trainable = [n for n, p in top.named_parameters() if p.requires_grad]
@@ -110,7 +110,7 @@ def test_adapted_blocks_need_tower_states_in_the_store():
 def test_cached_embeddings_only_with_no_adapted_blocks():
     model = build_model("cman", **{**SMALL, "text_dim": 24}, image_tower="open_clip:ViT-B-32:layer=11",
                         text_tower="open_clip:ViT-B-32")
-    assert model_inputs(model) == {"image": "embedding", "text": "embedding"}
+    assert model.store_inputs() == {"image": "embedding", "text": "embedding"}
     assert all(model.inputs[m].top is None for m in ("image", "text", "audio"))
     batch = dict(_batch(), text_embedding=torch.randn(3, 24))
     assert model(batch)["text"].shape == (3, 16)

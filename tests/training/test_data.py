@@ -4,7 +4,7 @@ from torch.utils.data import DataLoader
 
 from trimodal.errors import ConfigError
 from trimodal.pipeline import stream as stream_module
-from trimodal.training.data import TrimodalDataset, load_split
+from trimodal.training.data import TrimodalDataset, load_split, open_sources
 
 
 def test_batches_carry_padded_tensors_and_masks(mini_shards, mini_features):
@@ -33,13 +33,38 @@ def test_the_order_depends_on_seed_and_epoch_only(mini_shards, mini_features):
     assert order(0, 0) != order(0, 1) and order(0, 0) != order(1, 0)
 
 
-def test_shards_are_split_by_node_then_by_worker(mini_shards, mini_features):
-    seen = []
-    for rank in range(2):
-        dataset = TrimodalDataset(mini_shards, mini_features, "train", batch_size=25, rank=rank, world_size=2)
-        loader = DataLoader(dataset, batch_size=None, num_workers=2)
-        seen.append([k for batch in loader for k in batch["keys"]])
-    assert len(seen[0]) == len(seen[1]) == 100 and not set(seen[0]) & set(seen[1])
+def _keys(dataset, workers):
+    return [batch["keys"] for batch in DataLoader(dataset, batch_size=None, num_workers=workers)]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_ranks_share_each_global_batch_and_together_read_what_one_process_reads(mini_shards, mini_features, workers):
+    common = dict(batch_size=50, streams=2, drop_last=True, seed=3, epoch=1)
+    alone = _keys(TrimodalDataset(mini_shards, mini_features, "train", **common), workers)
+    ranks = [_keys(TrimodalDataset(mini_shards, mini_features, "train", rank=rank, world_size=2, **common), workers)
+             for rank in range(2)]
+    assert len(alone) == len(ranks[0]) == len(ranks[1]) == 4  # 200 samples // 50
+    assert all(len(batch) == 25 for rank in ranks for batch in rank)
+    assert [first + second for first, second in zip(*ranks)] == alone  # row for row
+    keys = [k for batch in alone for k in batch]
+    assert len(set(keys)) == 200
+
+
+def test_the_epoch_length_comes_from_the_index_whatever_the_shards(tmp_path, mini_root):
+    from trimodal.features.featurize import FeaturizeOptions, featurize
+    from trimodal.pipeline.shard import ShardOptions, shard_dataset
+
+    shards = tmp_path / "shards"
+    shard_dataset("mini", mini_root, shards, ShardOptions(max_samples=70, workers=2))  # train: 70, 70, 60
+    store = tmp_path / "f.zarr"
+    featurize(shards, store, FeaturizeOptions(device="cpu", image="open_clip:ViT-S-32", audio=None, splits=("train",)))
+    for world, workers in ((2, 0), (2, 2), (4, 1)):
+        counts = [len(_keys(TrimodalDataset(shards, store, "train", batch_size=24, rank=rank, world_size=world,
+                                            drop_last=True, modalities=["image", "text"]), workers))
+                  for rank in range(world)]
+        assert counts == [200 // 24] * world, (world, workers)
+    dataset = TrimodalDataset(shards, store, "train", batch_size=24, drop_last=True, modalities=["image", "text"])
+    assert dataset.plan(2).dropped == 200 - 8 * 24
 
 
 def test_pairs_match_a_caption_with_the_utterance_that_speaks_it(mini_shards, mini_features):
@@ -73,7 +98,7 @@ def test_what_the_store_lacks_is_read_from_the_tars(mini_shards, tmp_path):
 
 
 def test_load_split_expands_every_caption_and_utterance(mini_shards, mini_features):
-    split = load_split(mini_shards, mini_features, "test")
+    split = load_split(open_sources(mini_shards, mini_features), "test")
     assert len(split.keys) == 60 and split.images.shape == (60, 512)
     assert split.tokens.shape == (300, 77) and len(split.mels) == 300
     assert (split.caption_image == torch.arange(60).repeat_interleave(5).numpy()).all()

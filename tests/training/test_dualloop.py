@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from trimodal.errors import ConfigError
-from trimodal.training.config import TrainConfig
-from trimodal.training.controller import ControlledOptimization
+from trimodal.training.settings import TrainConfig
+from trimodal.training.models.dualloop.controller import ControlledOptimization
 from trimodal.training.losses import multimodal_infonce
 from trimodal.training.models import build_model
 from trimodal.training.optimization import lr_at

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from trimodal.errors import ConfigError
-from trimodal.training.config import TrainConfig
+from trimodal.training.settings import TrainConfig
 from trimodal.training.models import build_model
 from trimodal.training.optimization import lr_at
-from trimodal.training.optimizers import DMGD
+from trimodal.training.models.nlmm.optimizers import DMGD
 from tests.training.test_models import FAMILY_TINY, fake_batch
 
 LEVELS = [{"name": "fast", "chunk_size": 1, "lr": 1e-2, "optimizer": "adamw"},

@@ -3,7 +3,7 @@ import io
 import pytest
 import torch
 
-from trimodal.training.optimizers import DMGD, M3, newton_schulz, orthogonalise
+from trimodal.training.models.nlmm.optimizers import DMGD, M3, newton_schulz, orthogonalise
 
 
 def _generator(seed: int = 0) -> torch.Generator:

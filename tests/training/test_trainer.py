@@ -33,7 +33,9 @@ def test_a_run_writes_checkpoints_metrics_plots_and_the_resolved_config(quick_ru
     assert resolved["model"]["name"] == "mmn" and resolved["model"]["image_dim"] == 512
     assert resolved["run"]["torch"] and resolved["run"]["git_commit"] and resolved["run"]["parameters"] == result.parameters
     state = torch.load(run / "checkpoints" / "last.state.pt", weights_only=True)
-    assert state["epoch"] == 1 and set(state) >= {"optimization", "torch_rng", "step", "best"}
+    assert state["epoch"] == 1 and set(state) >= {"optimization", "step", "best", "data_streams", "world_size"}
+    assert resolved["run"]["world_size"] == 1 and resolved["run"]["batch_per_rank"] == 50
+    assert resolved["train"]["data_streams"] == 1 and resolved["run"]["steps_per_epoch"] == 4
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if r["type"] == "train"]
     assert train_records and set(train_records[0]["losses"]) == {"image-text", "image-audio", "text-audio"}
@@ -126,10 +128,10 @@ def test_the_full_size_config_has_the_specified_shape():
         load_config(shipped_config(name))
 
 
-def test_too_few_samples_for_full_batches_is_a_config_error(mini_shards, mini_features, tmp_path):
-    with pytest.raises(ConfigError, match="too few for full batches"):
+def test_too_few_samples_for_one_step_is_a_config_error(mini_shards, mini_features, tmp_path):
+    with pytest.raises(ConfigError, match="too few for one step"):
         train(shipped_config("mmn-tiny"), mini_shards, mini_features, tmp_path / "r",
-              overrides=["train.batch_size=150", "train.num_workers=2"])
+              overrides=["train.batch_size=150", "train.grad_accum=2"])
 
 
 def test_loader_workers_without_shared_memory_stop_the_run_before_it_starts(mini_shards, mini_features, tmp_path,
@@ -149,7 +151,7 @@ def test_an_epoch_that_loses_its_batches_is_an_error_not_a_run_on_nothing(mini_s
     from trimodal.training import trainer as trainer_module
 
     monkeypatch.setattr(trainer_module, "_batches", lambda loader: iter(()))
-    with pytest.raises(TrimodalError, match="saw 0 of 200 training samples"):
+    with pytest.raises(TrimodalError, match="saw 0 of its 200 training samples"):
         train(shipped_config("mmn-tiny"), mini_shards, mini_features, tmp_path / "run", overrides=QUICK)
 
 

@@ -11,7 +11,7 @@ from rich.markup import escape
 
 from trimodal import __version__
 from trimodal.cli import caption, datasets, demo, download, evaluate, featurize, info, shard, train, validate
-from trimodal.cli.console import err_console
+from trimodal.cli.console import console, err_console
 from trimodal.errors import TrimodalError
 
 app = typer.Typer(
@@ -52,7 +52,13 @@ app.command("demo")(demo.demo)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run `mm` with `argv` and return its exit status; known failures become one red line."""
+    """Run `mm` with `argv` and return its exit status; known failures become one red line. Under torchrun
+    only rank 0 prints; another rank prints only an error of its own (one after it joined the group, or a
+    failed collective), prefixed with its rank."""
+    from trimodal import distributed
+
+    rank = distributed.launched_rank()
+    console.quiet = rank > 0
     command = typer.main.get_command(app)
     try:
         # Standalone mode lets click report usage errors itself; it always ends in SystemExit.
@@ -65,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrimodalError as error:
         if _state["debug"]:
             traceback.print_exc()
-        err_console.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True)
+        if rank == 0 or distributed.joined() or isinstance(error, distributed.DistributedError):
+            where = f"rank {rank}: " if rank else ""
+            err_console.print(f"[red]{where}error:[/red] {escape(str(error))}", soft_wrap=True)
         return error.exit_code
     return 0
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from trimodal.cli.console import console, reporter, say
+from trimodal.cli.console import console, reporter, say, warn
 from trimodal.cli.tables import recall_table
 
 
@@ -35,8 +35,7 @@ def train(
 
     with reporter() as progress:
         result = run_train(config, shards, features, out, resume=resume, overwrite=overwrite,
-                           overrides=overrides or [], reporter=progress,
-                           on_model=lambda total, trainable, device: say(_parameters_line(total, trainable, device)))
+                           overrides=overrides or [], reporter=progress, on_start=_say_start)
     say(_parameters_line(result.parameters, result.trainable_parameters, result.device, trained=True))
     if result.last_val:
         console.print(recall_table(result.last_val["directions"], title=f"validation, last epoch ({out})"))
@@ -45,6 +44,16 @@ def train(
             f"checkpoints in {out / 'checkpoints'}, plots in {out / 'plots'}")
     else:
         say(f"no validation split in the store: best = last; checkpoints in {out / 'checkpoints'}")
+
+
+def _say_start(start) -> None:
+    say(_parameters_line(start.parameters, start.trainable, start.device))
+    ranks = f"{start.world_size} ranks × {start.batch_per_rank}" if start.world_size > 1 else "1 process"
+    say(f"batch: {start.batch_size} samples a step ({ranks}); {start.steps_per_epoch} steps an epoch, "
+        f"{start.dropped_per_epoch} training samples in no batch of an epoch (a different tail each epoch); "
+        f"{start.data_streams} data stream(s)")
+    for note in start.notes:
+        warn(note)
 
 
 def _parameters_line(total: int, trainable: int, device: str, trained: bool = False) -> str:

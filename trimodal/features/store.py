@@ -128,6 +128,14 @@ class FeatureStore:
     def __init__(self, path: Path, group: zarr.Group):
         self.path, self.group = Path(path), group
 
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "mode": self.group.store.read_only}
+
+    def __setstate__(self, state: dict) -> None:
+        # A store crosses a process boundary as its path and is opened again on the other side.
+        reopened = FeatureStore.open(state["path"], mode="r" if state["mode"] else "a")
+        self.path, self.group = reopened.path, reopened.group
+
     # -- opening and creating ---------------------------------------------------------------------
 
     @classmethod
@@ -259,8 +267,9 @@ class FeatureStore:
     # -- reading ----------------------------------------------------------------------------------
 
     def read_shard(self, name: str, *, image: bool = True, image_tokens: bool = False, text: bool = True,
-                   text_embedding: bool = False, text_states: bool = False, audio: bool = True) -> ShardFeatures:
-        """One shard's features, one slice per array."""
+                   text_embedding: bool = False, text_states: bool = False, audio: bool = True,
+                   rows: tuple[int, int] | None = None) -> ShardFeatures:
+        """One shard's features (or those of its `rows` [start, stop)), one slice per array."""
         slot = self.slots.get(name)
         if slot is None:
             raise TrimodalError(f"{self.path} has no features for shard {name}")
@@ -268,6 +277,8 @@ class FeatureStore:
             raise TrimodalError(f"features of shard {name} in {self.path} are incomplete; run `mm featurize` again")
         group = self.group
         r0, r1 = slot.rows
+        if rows is not None:
+            r0, r1 = r0 + rows[0], r0 + rows[1]
         out = ShardFeatures(keys=decode_keys(group["keys"][r0:r1]))
         if image and "image/embedding" in group:
             out.image = group["image/embedding"][r0:r1]

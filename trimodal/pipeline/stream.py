@@ -57,6 +57,16 @@ class ShardContents:
     wav_counts: list[int] = field(default_factory=list)
 
 
+    def rows(self, start: int, stop: int) -> "ShardContents":
+        """The samples [start, stop) of the shard, with their captions and spoken captions."""
+        captions = offsets(self.caption_counts)
+        wavs = offsets(self.wav_counts) if self.wav_counts else np.zeros(stop + 1, np.int64)  # audio not read
+        c0, c1, w0, w1 = captions[start], captions[stop], wavs[start], wavs[stop]
+        return ShardContents(self.keys[start:stop], self.images[start:stop], self.captions[c0:c1],
+                             self.caption_ids[c0:c1], self.caption_counts[start:stop], self.wavs[w0:w1],
+                             self.wav_caption_ids[w0:w1], self.wav_counts[start:stop])
+
+
 def read_shard(path: Path, *, images: bool = True, audio: bool = True) -> ShardContents:
     """Keys, image bytes, captions (with their ids) and spoken captions of one shard, in order."""
     contents = ShardContents()

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from trimodal.errors import ConfigError
 from trimodal.training.models import available_models, family_attribute, model_defaults
+from trimodal.training.settings import TrainConfig
 
 SECTIONS = ("model", "train")
 
@@ -19,46 +20,6 @@ def shipped_config(name: str) -> Path:
         if (folder / f"{name}.toml").is_file():
             return folder / f"{name}.toml"
     raise ConfigError(f"no shipped config named {name!r}")
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 5e-4  # peak learning rate
-    weight_decay: float = 0.05
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.05  # the cosine schedule ends at lr * min_lr_ratio
-    grad_clip: float = 1.0
-    grad_accum: int = 1
-    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
-    seed: int = 0
-    num_workers: int = 2
-    shuffle_buffer: int = 1000
-    max_audio_seconds: float = 10.0  # longer utterances are cropped (randomly in training)
-    modalities: list[str] = field(default_factory=lambda: ["image", "text", "audio"])
-    loss_weights: dict[str, float] = field(default_factory=lambda: {"image-text": 1.0, "image-audio": 1.0, "text-audio": 1.0})
-    val_split: str = "val"
-    eval_batch_size: int = 256
-    log_every: int = 10
-    device: str = "auto"
-    # [[train.stages]]: consecutive phases, each {name, epochs, losses = [names the family knows],
-    # weights = {loss = w} (optional)}; `epochs` is then their sum, or, when set too, where the run stops
-    # (the stages in order, cut there). Empty: one phase of `epochs`.
-    stages: list[dict] = field(default_factory=list)
-
-    def stage_at(self, epoch: int) -> dict | None:
-        """The stage epoch `epoch` (0-based) belongs to; None without stages."""
-        end = 0
-        for stage in self.stages:
-            end += stage["epochs"]
-            if epoch < end:
-                return stage
-        return self.stages[-1] if self.stages else None
-
-    def last_stage_start(self) -> int:
-        """The first epoch of the last stage (0 without stages): the model's final form starts there."""
-        return sum(stage["epochs"] for stage in self.stages[:-1])
 
 
 @dataclass

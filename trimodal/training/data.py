@@ -1,9 +1,11 @@
 """The training data path: shards + feature store -> batches of padded tensors with masks.
 
-`TrimodalDataset` is a torch `IterableDataset` for your own loops. It iterates whole shards (shuffled
-by (seed, epoch), then split by node and by worker), reads each shard's features from the store in one
-slice per array, and reads tar members only for what the store lacks. A sample shuffle buffer follows;
-each visit of an image picks one of its (caption, utterance) pairs at random, seeded.
+`TrimodalDataset` is a torch `IterableDataset` for your own loops. Which samples each rank and loader
+worker reads, and in what order, comes from `sample_order` (a function of index.json, the seed and the
+epoch): every rank makes the same number of batches, and the global order does not depend on the number
+of ranks. Each stream reads its pieces of shards from the store in one slice per array, and tar members
+only for what the store lacks; a shuffle buffer mixes them; each visit of an image picks one of its
+(caption, utterance) pairs, drawn per shard and epoch so that the pick does not depend on who reads it.
 
     from torch.utils.data import DataLoader
     from trimodal import TrimodalDataset
@@ -14,28 +16,33 @@ each visit of an image picks one of its (caption, utterance) pairs at random, se
         dataset.set_epoch(epoch)
         for batch in loader:
             batch["image"], batch["text"], batch["audio"], batch["audio_mask"]
+
+Under torchrun, `batch_size` is the global batch: each rank's batches hold `batch_size / world_size` rows.
 """
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
-
+import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from trimodal.distributed import position
 from trimodal.errors import ConfigError, TrimodalError
 from trimodal.features.store import FeatureStore, ShardFeatures, StaleCacheError
 from trimodal.features.towers import caption_extent
 from trimodal.pipeline.shard import read_index
-from trimodal.pipeline.stream import index_fingerprint, offsets, read_shard, shard_order, split_shards
+from trimodal.pipeline.stream import index_fingerprint, offsets, read_shard
+from trimodal.training.sample_order import EpochPlan, Piece, plan_epoch, rank_streams, stream_order
 
 MODALITIES = ("image", "text", "audio")
-# What a model reads of each modality from the store (`model_inputs`): image "embedding" (pooled) or
+# What a model reads of each modality from the store (`Family.store_inputs`): image "embedding" (pooled) or
 # "tokens" (image/tokens); text "ids" always, plus "embedding" (text/embedding) or "states" (text/states).
 DEFAULT_INPUTS = {"image": "embedding", "text": "ids"}
 # (modality, input) -> the store array it reads and the featurize options that write it
@@ -54,6 +61,52 @@ class Item:
     caption_id: int = -1
 
 
+@dataclass
+class Sources:
+    """The shards' index and the feature store, opened and checked once per process (`open_sources`) and
+    passed along: to the training stream, to validation, to evaluation."""
+
+    shards: Path
+    features: Path
+    index: dict
+    store: FeatureStore
+    checked: set[str] = field(default_factory=set)
+
+    def check(self, split: str) -> None:
+        """`split` is in the shards and complete in the store (once per split)."""
+        if split in self.checked:
+            return
+        if split not in self.index["splits"]:
+            raise ConfigError(f"split {split!r} is not in {self.shards} (it has {', '.join(self.index['splits'])})")
+        if split not in self.store.splits():
+            raise ConfigError(f"{self.features} has no features for split {split!r} "
+                              f"(it has {', '.join(self.store.splits())})")
+        if not self.store.complete(split):
+            raise TrimodalError(f"{self.features} is incomplete for split {split!r}; run `mm featurize` again to "
+                                "finish it")
+        self.checked.add(split)
+
+    def shard_entries(self, split: str) -> list[dict]:
+        return self.index["splits"][split]["shards"]
+
+    @property
+    def text_spec(self) -> str:
+        return (self.store.config.get("text") or {}).get("tokenizer", "open_clip:ViT-B-32")
+
+
+def open_sources(shards: Path, features: Path, splits: Sequence[str] = ()) -> Sources:
+    """The shards' index and the store, checked to belong together and to hold each of `splits` completely."""
+    index = read_index(Path(shards))
+    store = FeatureStore.open(Path(features))
+    if store.fingerprint != index_fingerprint(index, store.config["splits"]):
+        raise StaleCacheError(f"{features} was computed from other shards than {shards} (stale cache); "
+                              "run `mm featurize` again with --overwrite")
+    sources = Sources(Path(shards), Path(features), index, store)
+    for split in splits:
+        sources.check(split)
+    return sources
+
+
 def check_inputs(store: FeatureStore, inputs: dict, where: Path) -> dict:
     """`DEFAULT_INPUTS` updated by `inputs`, each one checked to be in the store."""
     inputs = {**DEFAULT_INPUTS, **(inputs or {})}
@@ -63,22 +116,6 @@ def check_inputs(store: FeatureStore, inputs: dict, where: Path) -> dict:
             raise ConfigError(f"the model reads {modality} {kind}, but {where} has no {array}; run `mm featurize` "
                               f"with {options} (see the config's `# featurize:` line)")
     return inputs
-
-
-def open_sources(shards: Path, features: Path, split: str) -> tuple[dict, FeatureStore]:
-    """The shards' index and the store, checked to belong together and to hold `split` completely."""
-    index = read_index(Path(shards))
-    store = FeatureStore.open(Path(features))
-    if split not in index["splits"]:
-        raise ConfigError(f"split {split!r} is not in {shards} (it has {', '.join(index['splits'])})")
-    if split not in store.splits():
-        raise ConfigError(f"{features} has no features for split {split!r} (it has {', '.join(store.splits())})")
-    if store.fingerprint != index_fingerprint(index, store.config["splits"]):
-        raise StaleCacheError(f"{features} was computed from other shards than {shards} (stale cache); "
-                              "run `mm featurize` again with --overwrite")
-    if not store.complete(split):
-        raise TrimodalError(f"{features} is incomplete for split {split!r}; run `mm featurize` again to finish it")
-    return index, store
 
 
 _SHARED_MEMORY_HINT = ("enlarge /dev/shm (e.g. `docker run --shm-size=2g`), free space there, or set "
@@ -102,11 +139,13 @@ def loader_failure(error: Exception) -> TrimodalError:
                          f"memory, {_SHARED_MEMORY_HINT}")
 
 
-def crop_frames(mel: np.ndarray, max_frames: int, rng: np.random.Generator | None) -> np.ndarray:
-    """At most `max_frames` frames: a random window when `rng` is given, else the central one."""
+def crop_frames(mel: np.ndarray, max_frames: int, fraction: float | None) -> np.ndarray:
+    """At most `max_frames` frames: the window starting `fraction` of the way into the possible starts
+    (a uniform draw in training), or the central one when `fraction` is None."""
     if len(mel) <= max_frames:
         return mel
-    start = int(rng.integers(0, len(mel) - max_frames + 1)) if rng is not None else (len(mel) - max_frames) // 2
+    starts = len(mel) - max_frames + 1
+    start = min(int(fraction * starts), starts - 1) if fraction is not None else (len(mel) - max_frames) // 2
     return mel[start : start + max_frames]
 
 
@@ -154,32 +193,49 @@ def _stack(arrays: list[np.ndarray | None]) -> torch.Tensor:
 class TrimodalDataset(IterableDataset):
     """Batches (dicts of padded tensors and masks) from shards + feature store; see the module doc.
 
+    `shards` is a shard folder (with `features` the store), or `Sources` already opened. `batch_size` is
+    the global batch; `streams` how many sample streams make one (default: the world size); any world size
+    that divides `streams` reads the same global batches. Loader workers split the batches between them.
+    `accumulation` rounds the epoch's batches down to a multiple of it (with `drop_last`).
+
     `inputs` says what the model reads (`DEFAULT_INPUTS`): {"image": "tokens"} adds `batch["image_tokens"]`
     in place of `batch["image"]`; {"text": "embedding" | "states"} adds `batch["text_embedding"]` or
     `batch["text_states"]` next to the ids."""
 
-    def __init__(self, shards: str | Path, features: str | Path, split: str = "train", *,
+    def __init__(self, shards: str | Path | Sources, features: str | Path | None = None, split: str = "train", *,
                  modalities: Sequence[str] = MODALITIES, batch_size: int = 64, shuffle: bool = True, seed: int = 0,
                  epoch: int = 0, shuffle_buffer: int = 1000, max_audio_frames: int = 1000, drop_last: bool = False,
-                 rank: int | None = None, world_size: int | None = None, inputs: dict | None = None):
+                 rank: int | None = None, world_size: int | None = None, streams: int | None = None,
+                 accumulation: int = 1, inputs: dict | None = None):
         unknown = set(modalities) - set(MODALITIES)
         if unknown or not modalities:
             raise ConfigError(f"modalities must be a non-empty subset of {MODALITIES} (got {list(modalities)})")
-        self.shards, self.features, self.split = Path(shards), Path(features), split
+        self.sources = shards if isinstance(shards, Sources) else open_sources(Path(shards), Path(features), [split])
+        self.sources.check(split)
+        self.split = split
         self.modalities = tuple(m for m in MODALITIES if m in modalities)
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         # Shared with loader workers, so that persistent workers see set_epoch() of the main process.
         self._epoch = multiprocessing.Value("q", epoch, lock=False)
         self.shuffle_buffer, self.max_audio_frames, self.drop_last = shuffle_buffer, max_audio_frames, drop_last
-        self.rank, self.world_size = rank, world_size
-        index, store = open_sources(self.shards, self.features, split)
-        self.shard_names = [s["name"] for s in index["splits"][split]["shards"]]
-        self.samples = index["splits"][split]["samples"]
+        self.rank, self.world_size, self.accumulation = rank, world_size, accumulation
+        entries = self.sources.shard_entries(split)
+        self.shard_names = [entry["name"] for entry in entries]
+        self.shard_samples = [entry["samples"] for entry in entries]
+        self.samples = sum(self.shard_samples)
+        world = world_size if world_size is not None else position()[1]
+        self.streams = streams or world
+        if batch_size % world:
+            raise ConfigError(f"the batch of {batch_size} rows cannot be split evenly over {world} ranks "
+                              "(train.batch_size is the global batch: make it a multiple of the number of ranks)")
+        rank_streams(self.streams, 0, world)
+        self.plan(1)  # the layout's own checks, before any worker starts
+        store = self.sources.store
         self.from_store = {m: store.has(m) for m in self.modalities}
         if "image" in self.modalities and not self.from_store["image"]:
-            raise ConfigError(f"{features} has no image embeddings; run `mm featurize` with --image")
-        self.inputs = check_inputs(store, inputs, self.features)
-        self._text_spec = (store.config.get("text") or {}).get("tokenizer", "open_clip:ViT-B-32")
+            raise ConfigError(f"{self.sources.features} has no image embeddings; run `mm featurize` with --image")
+        self.inputs = check_inputs(store, inputs, self.sources.features)
+        self._store_pid = os.getpid()
 
     @property
     def epoch(self) -> int:
@@ -189,48 +245,74 @@ class TrimodalDataset(IterableDataset):
         """Call before iterating an epoch; loader workers, persistent ones included, follow."""
         self._epoch.value = epoch
 
+    def plan(self, groups: int, epoch: int | None = None) -> EpochPlan:
+        """The epoch's layout for `groups` loader workers (see `sample_order`)."""
+        return plan_epoch(self.shard_samples, batch_size=self.batch_size, streams=self.streams, groups=groups,
+                          seed=self.seed, epoch=self.epoch if epoch is None else epoch, shuffle=self.shuffle,
+                          drop_last=self.drop_last, multiple=self.accumulation if self.drop_last else 1)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Global batches in every epoch (the same on every rank and for any number of workers)."""
+        return self.plan(1).batches
+
     def _position(self) -> tuple[int, int, int, int]:
-        rank, world = self.rank, self.world_size
-        if rank is None or world is None:
-            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-            rank = torch.distributed.get_rank() if distributed else 0
-            world = torch.distributed.get_world_size() if distributed else 1
+        rank, world = position()
+        rank = self.rank if self.rank is not None else rank
+        world = self.world_size if self.world_size is not None else world
         info = get_worker_info()
         return rank, world, (info.id if info else 0), (info.num_workers if info else 1)
 
-    def my_shards(self) -> list[str]:
-        rank, world, worker, workers = self._position()
-        order = shard_order(self.shard_names, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle)
-        return split_shards(order, rank, world, worker, workers)
+    def _store(self) -> FeatureStore:
+        """The store, opened once per process: a loader worker opens its own (without the checks again)."""
+        if self._store_pid != os.getpid():
+            self.sources.store = FeatureStore.open(self.sources.features)
+            self._store_pid = os.getpid()
+        return self.sources.store
 
     def __iter__(self) -> Iterator[dict]:
         rank, world, worker, workers = self._position()
-        rng = np.random.default_rng([self.seed, self.epoch, rank, worker])
-        store = FeatureStore.open(self.features)
-        items = self._items(store, self.my_shards(), rng)
-        if self.shuffle:
-            items = _shuffled(items, self.shuffle_buffer, rng)
-        batch = []
-        for item in items:
-            batch.append(item)
-            if len(batch) == self.batch_size:
-                yield collate(batch, self.modalities)
-                batch = []
-        if batch and not self.drop_last:
-            yield collate(batch, self.modalities)
+        epoch = self.epoch
+        plan = self.plan(workers, epoch)
+        mine = rank_streams(self.streams, rank, world)
+        readers = {q: self._stream_items(plan.pieces[(worker, q)], epoch, worker * self.streams + q) for q in mine}
+        for batch in plan.group_batches(worker):
+            items = []
+            for q in mine:
+                items.extend(itertools.islice(readers[q], plan.rows(batch, q)))
+            yield collate(items, self.modalities)
 
-    def _items(self, store: FeatureStore, names: list[str], rng: np.random.Generator) -> Iterator[Item]:
-        fallback = _TarFallback(self._text_spec) if not all(self.from_store.values()) else None
-        for name in names:
-            features = read_features(store, name, self.modalities, self.inputs,
-                                     text=self.from_store.get("text", False), audio=self.from_store.get("audio", False))
-            if fallback is not None:
-                fallback.fill(self.shards / name, features, text="text" in self.modalities and not self.from_store["text"],
-                              audio="audio" in self.modalities and not self.from_store["audio"])
-            for row in range(len(features.keys)):
-                yield self._item(features, row, rng)
+    def _stream_items(self, pieces: list[Piece], epoch: int, stream: int) -> Iterator[Item]:
+        """One stream's samples in its order; each piece's features are read when first needed and dropped
+        after their last sample."""
+        rng = np.random.default_rng([self.seed, epoch, stream]) if self.shuffle else None
+        order = stream_order(pieces, buffer=self.shuffle_buffer, rng=rng)
+        last_use = {number: position for position, (number, _) in enumerate(order)}
+        loaded: dict[int, tuple[ShardFeatures, np.ndarray]] = {}
+        fallback = _TarFallback(self.sources.text_spec) if not all(self.from_store.values()) else None
+        for position, (number, row) in enumerate(order):
+            if number not in loaded:
+                loaded[number] = self._load(pieces[number], epoch, fallback)
+            features, draws = loaded[number]
+            yield self._item(features, row - pieces[number].start, draws[:, row - pieces[number].start])
+            if last_use[number] == position:
+                del loaded[number]
 
-    def _item(self, features: ShardFeatures, row: int, rng: np.random.Generator) -> Item:
+    def _load(self, piece: Piece, epoch: int, fallback) -> tuple[ShardFeatures, np.ndarray]:
+        name = self.shard_names[piece.shard]
+        features = read_features(self._store(), name, self.modalities, self.inputs, rows=(piece.start, piece.stop),
+                                 text=self.from_store.get("text", False), audio=self.from_store.get("audio", False))
+        if fallback is not None:
+            fallback.fill(self.sources.shards / name, features, rows=(piece.start, piece.stop),
+                          text="text" in self.modalities and not self.from_store["text"],
+                          audio="audio" in self.modalities and not self.from_store["audio"])
+        # Uniform draws for the caption, the utterance and the crop of every row of the shard: a function of
+        # (seed, epoch, shard), so whichever stream reads a row picks the same pair.
+        draws = np.random.default_rng([self.seed, epoch, piece.shard, 1]).random((3, self.shard_samples[piece.shard]))
+        return features, draws[:, piece.start : piece.stop]
+
+    def _item(self, features: ShardFeatures, row: int, draws: np.ndarray) -> Item:
+        caption_draw, utterance_draw, crop_draw = draws
         item = Item(features.keys[row])
         images = features.image_tokens if features.image_tokens is not None else features.image
         if images is not None:
@@ -239,7 +321,7 @@ class TrimodalDataset(IterableDataset):
         if features.tokens is not None and "text" in self.modalities:
             c0, c1 = features.caption_offsets[row], features.caption_offsets[row + 1]
             if c1 > c0:
-                pick = int(rng.integers(c0, c1))
+                pick = c0 + min(int(caption_draw * (c1 - c0)), c1 - c0 - 1)
                 item.tokens, caption_id = features.tokens[pick], int(features.caption_ids[pick])
                 text_features = _text_features(features)
                 if text_features is not None:
@@ -250,18 +332,23 @@ class TrimodalDataset(IterableDataset):
             if caption_id is not None:  # the utterance that speaks the chosen caption
                 spoken = [u for u in spoken if features.utterance_caption_ids[u] == caption_id]
             if spoken:
-                pick = spoken[int(rng.integers(len(spoken)))]
+                pick = spoken[min(int(utterance_draw * len(spoken)), len(spoken) - 1)]
                 mel = features.mel[features.frame_offsets[pick] : features.frame_offsets[pick + 1]]
-                item.mel = crop_frames(mel, self.max_audio_frames, rng if self.shuffle else None)
+                item.mel = crop_frames(mel, self.max_audio_frames, crop_draw if self.shuffle else None)
                 caption_id = int(features.utterance_caption_ids[pick]) if caption_id is None else caption_id
         item.caption_id = -1 if caption_id is None else caption_id
         return item
 
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_store_pid"] = None  # a spawned worker opens the store itself
+        return state
+
 
 def read_features(store: FeatureStore, name: str, modalities: Sequence[str], inputs: dict, *, text: bool,
-                  audio: bool) -> ShardFeatures:
-    """One shard's features: of images and captions what `inputs` asks for."""
-    return store.read_shard(name, image="image" in modalities and inputs["image"] == "embedding",
+                  audio: bool, rows: tuple[int, int] | None = None) -> ShardFeatures:
+    """One shard's features (or those of its `rows`): of images and captions what `inputs` asks for."""
+    return store.read_shard(name, rows=rows, image="image" in modalities and inputs["image"] == "embedding",
                             image_tokens="image" in modalities and inputs["image"] == "tokens", text=text,
                             text_embedding=text and inputs["text"] == "embedding",
                             text_states=text and inputs["text"] == "states", audio=audio)
@@ -271,29 +358,19 @@ def _text_features(features: ShardFeatures) -> np.ndarray | None:
     return features.text_states if features.text_states is not None else features.text_embedding
 
 
-def _shuffled(items: Iterator[Item], size: int, rng: np.random.Generator) -> Iterator[Item]:
-    buffer: list[Item] = []
-    for item in items:
-        if len(buffer) < size:
-            buffer.append(item)
-            continue
-        slot = int(rng.integers(len(buffer)))
-        yield buffer[slot]
-        buffer[slot] = item
-    rng.shuffle(buffer)
-    yield from buffer
-
-
 class _TarFallback:
     """Computes from the tar what the store lacks: caption tokens, log-mels."""
 
     def __init__(self, text_spec: str):
         self._text_spec, self._tokenizer, self._mel = text_spec, None, None
 
-    def fill(self, tar: Path, features: ShardFeatures, *, text: bool, audio: bool) -> None:
+    def fill(self, tar: Path, features: ShardFeatures, *, text: bool, audio: bool,
+             rows: tuple[int, int] | None = None) -> None:
         if not (text or audio):
             return
         contents = read_shard(tar, images=False, audio=audio)
+        if rows is not None:
+            contents = contents.rows(*rows)
         if text:
             if self._tokenizer is None:
                 from trimodal.features.text import OpenClipTokenizer
@@ -336,17 +413,20 @@ class SplitData:
         return Item("", mel=self.mels[row])
 
 
-def load_split(shards: Path, features: Path, split: str, modalities: Sequence[str] = MODALITIES,
-               max_audio_frames: int = 1000, inputs: dict | None = None) -> SplitData:
-    index, store = open_sources(Path(shards), Path(features), split)
-    inputs = check_inputs(store, inputs, Path(features))
-    names = [s["name"] for s in index["splits"][split]["shards"]]
+def load_split(sources: Sources, split: str, modalities: Sequence[str] = MODALITIES, max_audio_frames: int = 1000,
+               inputs: dict | None = None) -> SplitData:
+    """Every image, caption and utterance of `split` (checked complete in `sources`), in shard order."""
+    sources.check(split)
+    store = sources.store
+    inputs = check_inputs(store, inputs, sources.features)
     keys, images, tokens, caption_image, mels, utterance_image, text_features = [], [], [], [], [], [], []
-    fallback = _TarFallback((store.config.get("text") or {}).get("tokenizer", "open_clip:ViT-B-32"))
-    for name in names:
+    fallback = _TarFallback(sources.text_spec)
+    for entry in sources.shard_entries(split):
+        name = entry["name"]
         part = read_features(store, name, modalities, inputs, text=store.has("text"), audio=store.has("audio"))
-        fallback.fill(Path(shards) / name, part, text="text" in modalities and not store.has("text"),
-                      audio="audio" in modalities and not store.has("audio") and "audio" in index.get("modalities", []))
+        fallback.fill(sources.shards / name, part, text="text" in modalities and not store.has("text"),
+                      audio="audio" in modalities and not store.has("audio")
+                      and "audio" in sources.index.get("modalities", []))
         base = len(keys)
         keys += part.keys
         if part.image is not None:
@@ -360,7 +440,8 @@ def load_split(shards: Path, features: Path, split: str, modalities: Sequence[st
             caption_image.append(base + np.repeat(np.arange(len(part.keys)), np.diff(part.caption_offsets)))
         if part.mel is not None and "audio" in modalities:
             for u in range(len(part.frame_offsets) - 1):
-                mels.append(crop_frames(part.mel[part.frame_offsets[u] : part.frame_offsets[u + 1]], max_audio_frames, None))
+                mels.append(crop_frames(part.mel[part.frame_offsets[u] : part.frame_offsets[u + 1]], max_audio_frames,
+                                        None))
             utterance_image.append(base + np.repeat(np.arange(len(part.keys)), np.diff(part.utterance_offsets)))
     return SplitData(
         keys=keys,

@@ -5,15 +5,18 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
+from trimodal import distributed
 from trimodal.atomic import write_json, write_jsonl
 from trimodal.errors import ConfigError, TrimodalError
 from trimodal.features.image import resolve_device
 from trimodal.training.checkpoint import load_weights
-from trimodal.training.data import load_split
-from trimodal.training.evaluate import (adapted_evaluation, embed_split, fold_sizes, mean_over_folds, mean_recall,
+from trimodal.training.data import load_split, open_sources
+from trimodal.training.evaluate import (adapted_latents, embed_split, fold_sizes, mean_over_folds, mean_recall,
                                         score_folds, score_latents, split_groups)
-from trimodal.training.models import build_model, model_inputs
-from trimodal.training.trainer import CHECKPOINTS
+from trimodal.training.models import build_model, families_where
+from trimodal.training.models.family import EvaluationContext
+from trimodal.training.settings import TrainConfig
+from trimodal.training.trainer import CHECKPOINTS, max_audio_frames
 
 
 def read_resolved_config(run: Path) -> dict:
@@ -42,32 +45,36 @@ def evaluate_run(run: Path, *, split: str = "test", checkpoint: str = "best", tt
                  shards: Path | None = None, features: Path | None = None, device: str = "auto",
                  ttt_k: int | None = None, ttt_step: float | None = None, folds: int | None = None,
                  beams: int = 3) -> dict:
-    """Evaluate and write `run/eval-<split>.json`; returns what was written.
+    """Evaluate and write `run/eval-<split>.json`; returns what was written. Under torchrun each rank embeds
+    its share of the split and every rank scores the gathered latents (the numbers of one process); rank 0
+    adds the family's extras and writes.
 
     With `folds`, the split's images (in shard order) are also cut into that many consecutive folds, as
     equal as possible with the first ones one larger, and every direction is scored within each fold:
     "directions_folds" per fold and "directions_1k" their mean (COCO's 1k protocol for 5 folds of its
     5,000 Karpathy test images). Folds apply to the plain evaluation only, not to TTT.
 
-    A family that generates (`generate`) is also scored as a captioner (`beams` 1 is greedy, 3 the default): "captioning"
-    in the result, every caption in `run/captions-<split>.jsonl`, memory slot use in `run/plots`."""
+    A family that generates captions (`Family.evaluation_extras`) adds its sections (bitmar: "captioning"
+    with `beams` 1 greedy, 3 the default; every caption in `run/captions-<split>.jsonl`)."""
     if beams < 1:
         raise ConfigError(f"--beams must be at least 1 (got {beams})")
-    run = Path(run)
-    model, resolved, target = load_run(run, checkpoint, device)
+    with distributed.session(device) as dist:
+        return _evaluate(Path(run), dist, split=split, checkpoint=checkpoint, ttt=ttt, shards=shards,
+                         features=features, ttt_options={k: v for k, v in (("k", ttt_k), ("step", ttt_step))
+                                                         if v is not None}, folds=folds, beams=beams)
+
+
+def _evaluate(run: Path, dist, *, split: str, checkpoint: str, ttt: bool, shards: Path | None,
+              features: Path | None, ttt_options: dict, folds: int | None, beams: int) -> dict:
+    model, resolved, target = load_run(run, checkpoint, str(dist.device))
     family = resolved["model"]["name"]
-    shards = Path(shards or resolved["data"]["shards"])
-    features = Path(features or resolved["data"]["features"])
+    if ttt:
+        check_ttt_options(model, family, ttt_options)
+    sources = open_sources(Path(shards or resolved["data"]["shards"]), Path(features or resolved["data"]["features"]),
+                           [split])
     train = resolved["train"]
-    from trimodal.training.config import TrainConfig
-    from trimodal.training.trainer import max_audio_frames
-
-    from trimodal.features.store import FeatureStore
-
-    store_config = FeatureStore.open(features).config
-    data = load_split(shards, features, split, train["modalities"],
-                      max_audio_frames(TrainConfig(max_audio_seconds=float(train["max_audio_seconds"])), store_config),
-                      model_inputs(model))
+    frames = max_audio_frames(TrainConfig(max_audio_seconds=float(train["max_audio_seconds"])), sources.store.config)
+    data = load_split(sources, split, train["modalities"], frames, model.store_inputs())
     sizes = fold_sizes(len(data.keys), folds) if folds is not None else None
     # Embedded once: the whole split and every fold are scored from the same latents.
     latents, groups = embed_split(model, data, target, train["eval_batch_size"]), split_groups(data)
@@ -81,20 +88,23 @@ def evaluate_run(run: Path, *, split: str = "test", checkpoint: str = "best", tt
         result["directions_folds"] = score_folds(latents, groups, sizes)
         result["directions_1k"] = mean_over_folds(result["directions_folds"])
     if ttt:
-        check_ttt_options(model, family, ttt_k, ttt_step)
-        result["directions_ttt"] = adapted_evaluation(model, data, target, train["eval_batch_size"],
-                                                      k=ttt_k, step=ttt_step)
+        adapted = adapted_latents(model, data, target, train["eval_batch_size"], **ttt_options)
+        result["directions_ttt"] = score_latents(adapted, groups)
         result["mean_recall_ttt"] = mean_recall(result["directions_ttt"])
         result["ttt_settings"] = model.ttt_settings()
-    captions = None
-    if hasattr(model, "generate") and data.images is not None and data.tokens is not None:
-        captioning, captions = caption_evaluation(model, data, run, split, shards, store_config, target, beams,
-                                                  int(train["batch_size"]))
-        result.update(captioning)
-    writes = [(run / f"eval-{split}.json", lambda path: write_json(path, result))]  # the summary last
-    if captions is not None:
-        writes.insert(0, (run / result["captioning"]["captions_file"], lambda path: write_jsonl(path, captions)))
-    for path, write in writes:
+    context = EvaluationContext(run, split, data, sources.shards, sources.store.config, target, train, {"beams": beams})
+    return distributed.on_main(lambda: _finish(model, context, result), "writing the evaluation")
+
+
+def _finish(model, context: EvaluationContext, result: dict) -> dict:
+    """The family's extra sections, then the files: its own first, eval-<split>.json (the summary) last."""
+    extras = model.evaluation_extras(context)
+    if extras is not None:
+        result.update(extras.result)
+    files = [(context.run / name, lambda path, lines=lines: write_jsonl(path, lines))
+             for name, lines in (extras.files.items() if extras else ())]
+    files.append((context.run / f"eval-{context.split}.json", lambda path: write_json(path, result)))
+    for path, write in files:
         try:
             write(path)
         except OSError as error:
@@ -102,42 +112,16 @@ def evaluate_run(run: Path, *, split: str = "test", checkpoint: str = "best", tt
     return result
 
 
-def caption_evaluation(model, data, run: Path, split: str, shards: Path, store_config: dict, device,
-                       beams: int, episode_size: int) -> tuple[dict, list[dict]]:
-    """Captions for every image of the split, scored: the result's "captioning" and "memory", and the
-    lines of `captions-<split>.jsonl` (key, generated, references)."""
-    from trimodal.features.text import OpenClipTokenizer
-    from trimodal.training.captioning import (METRICS_SOURCE, caption_scores, generate_captions, slot_access,
-                                              split_references)
-    from trimodal.training.plots import plot_slot_access
-
-    references = split_references(shards, split)
-    captions, weights = generate_captions(model, data.images, OpenClipTokenizer(store_config["text"]["tokenizer"]),
-                                          device, beams=beams, episode_size=episode_size)
-    generated = dict(zip(data.keys, captions))
-    access = slot_access(weights)
-    if bool(model.memory_trained):
-        (run / "plots").mkdir(exist_ok=True)
-        plot_slot_access(access["mean_abs_weight"], run / "plots" / f"memory-slots-{split}.png",
-                         f"memory slot access, {split} ({len(data.keys)} reads)")
-    lines = [{"key": key, "generated": generated[key], "references": references.get(key, [])} for key in data.keys]
-    return {"captioning": {**caption_scores(references, generated), "images": len(captions), "beams": beams,
-                           "captions_file": f"captions-{split}.jsonl", "metrics_from": METRICS_SOURCE},
-            "memory": {"used": bool(model.memory_trained), "episode_size": episode_size, **access}}, lines
-
-
-def check_ttt_options(model, family: str, ttt_k: int | None, ttt_step: float | None) -> None:
+def check_ttt_options(model, family: str, options: dict) -> None:
     """Before any work: the family has test-time training, and the options given are its own."""
-    if not hasattr(model, "ttt_settings"):
-        raise ConfigError(f"model family {family!r} has no test-time training; --ttt works for {', '.join(ttt_families())}")
-    if (ttt_k is not None or ttt_step is not None) and hasattr(model, "ttt_encode"):
-        raise ConfigError(f"--ttt-k and --ttt-step are mmn's memory-write settings; {family!r} adapts with its "
-                          "run's ttt_max_steps, ttt_eta and adapter_rank (set in its config)")
-    if (ttt_k is not None and ttt_k < 1) or (ttt_step is not None and not 0 < ttt_step <= 1):
-        raise ConfigError("--ttt-k must be at least 1 and --ttt-step in (0, 1]")
-
-
-def ttt_families() -> list[str]:
-    from trimodal.training.models import family_has
-
-    return family_has("ttt_settings")
+    if not model.has_test_time_training:
+        raise ConfigError(f"model family {family!r} has no test-time training; --ttt works for "
+                          f"{', '.join(families_where('has_test_time_training'))}")
+    foreign = [name for name in options if name not in model.ttt_options]
+    if foreign:
+        settings = ", ".join(name for name in model.ttt_settings() if name != "loss")
+        raise ConfigError(f"{', '.join(f'--ttt-{name}' for name in foreign)}: {family!r} takes no such option; its "
+                          f"test-time training uses the run's settings ({settings}; set in its config)")
+    problems = model.check_ttt_options(options)
+    if problems:
+        raise ConfigError("; ".join(problems))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from trimodal import distributed
 from trimodal.errors import ConfigError
 from trimodal.training.data import SplitData
 
@@ -48,14 +49,17 @@ def retrieval_metrics(queries: torch.Tensor, query_groups: np.ndarray, candidate
 
 
 @torch.no_grad()
-def embed_split(model, data: SplitData, device: torch.device, batch_size: int = 256,
-                encode=None) -> dict[str, torch.Tensor]:
-    """Latents of every image, caption and utterance of the split, each modality encoded on its own
-    (by `encode(modality, batch)`, default `model.encode`)."""
+def embed_split(model, data: SplitData, device: torch.device, batch_size: int = 256, encode=None, *,
+                every_batch: bool = False) -> dict[str, torch.Tensor]:
+    """Latents of every image, caption and utterance of the split, each modality encoded on its own (by
+    `encode(modality, batch)`, default `model.encode`), in batches of `batch_size`. Under torchrun each rank
+    encodes every N-th batch and the ranks exchange the results, so every rank ends with the latents one
+    process would compute (the batches are the same); `every_batch` encodes all of them here instead."""
     from trimodal.training.data import collate
 
     model.eval()
     encode = encode or model.encode
+    rank, world = distributed.position() if not every_batch else (0, 1)
     latents = {}
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     for modality, values in (("image", data.images), ("text", data.tokens), ("audio", data.mels)):
@@ -63,16 +67,20 @@ def embed_split(model, data: SplitData, device: torch.device, batch_size: int = 
             continue
         # Utterances are batched by length so little time goes into padding.
         order = sorted(range(len(values)), key=lambda i: len(values[i])) if modality == "audio" else list(range(len(values)))
-        rows_out: list[torch.Tensor | None] = [None] * len(values)
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
+        batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+        encoded = []
+        for rows in batches[rank::world]:
             batch = collate([data.item(modality, i) for i in rows], [modality])
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             with amp:
-                encoded = encode(modality, batch).float()
-            for row, vector in zip(rows, encoded):
-                rows_out[row] = vector
-        latents[modality] = torch.stack(rows_out)
+                encoded.append(encode(modality, batch).float())
+        mine = torch.cat(encoded) if encoded else None
+        parts = distributed.all_gather_object(None if mine is None else mine.cpu()) if world > 1 else [mine]
+        rows = [row for r in range(world) for rows in batches[r::world] for row in rows]
+        vectors = torch.cat([part.to(device) for part in parts if part is not None])
+        placed = torch.empty_like(vectors)
+        placed[torch.as_tensor(rows, device=device)] = vectors
+        latents[modality] = placed
     return latents
 
 
@@ -138,18 +146,10 @@ def mean_recall(directions: dict) -> float:
     return float(np.mean(values)) if values else 0.0
 
 
-def adapted_evaluation(model, data: SplitData, device: torch.device, batch_size: int = 256, **options) -> dict:
-    """Retrieval with the family's test-time training; the trained model is unchanged afterwards.
+def adapted_latents(model, data: SplitData, device: torch.device, batch_size: int = 256, **options) -> dict:
+    """The split's latents with the family's test-time training (`Family.adapted_latents`); the trained
+    model is unchanged afterwards."""
+    def embed(encode, every_batch: bool = False):
+        return embed_split(model, data, device, batch_size, encode, every_batch=every_batch)
 
-    Families with `ttt_encode` adapt per query batch and restore after each (`nlmm`). `mmn` writes its
-    memory in one pass over the split's inputs (top-k slots per query, `options` k and step), evaluates
-    with the adapted memory, then restores the trained memory."""
-    if hasattr(model, "ttt_encode"):
-        return score_latents(embed_split(model, data, device, batch_size, encode=model.ttt_encode), split_groups(data))
-    model.start_test_time_training(options.get("k"), options.get("step"))
-    try:
-        embed_split(model, data, device, batch_size)  # the adaptation pass
-        model.test_time_training = False
-        return evaluate_split(model, data, device, batch_size)
-    finally:
-        model.reset_memory()
+    return model.adapted_latents(embed, options)

@@ -73,12 +73,3 @@ def multimodal_max_margin(latents: dict[str, torch.Tensor], present: dict[str, t
                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`max_margin_loss` (both directions) over every pair of present modalities."""
     return multimodal_pairs(latents, present, lambda a, b: max_margin_loss(a, b, margin, max_violation), weights)
-
-
-def training_loss(model, latents: dict[str, torch.Tensor], present: dict[str, torch.Tensor],
-                  weights: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The model family's own loss when it defines `training_loss`, else `multimodal_infonce`."""
-    custom = getattr(model, "training_loss", None)
-    if custom is not None:
-        return custom(latents, present, weights)
-    return multimodal_infonce(latents, present, model.logit_scale, weights)

@@ -2,7 +2,7 @@
 
 The trainer calls `Optimization.step` once per optimizer step. The default is one AdamW over every
 parameter; a model family with its own rules (per-level optimizers on their own periods, a learned
-learning-rate controller) returns a subclass from `model.make_optimization(train, total_steps)`.
+learning-rate controller) returns a subclass from `Family.make_optimization(train, total_steps)`.
 Everything an exact resume needs comes out of `state_dict()`.
 """
 
@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from trimodal.training.config import TrainConfig
+from trimodal.training.settings import TrainConfig
 
 
 def lr_at(step: int, train: TrainConfig, total_steps: int) -> float:
@@ -74,12 +74,6 @@ class Optimization:
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
-
-
-def make_optimization(model: torch.nn.Module, train: TrainConfig, total_steps: int) -> Optimization:
-    """The model's own optimization when its family defines one, else `Optimization`."""
-    custom = getattr(model, "make_optimization", None)
-    return custom(train, total_steps) if custom is not None else Optimization(model, train, total_steps)
 
 
 def flatten(record: dict, prefix: str = "") -> dict[str, float]:

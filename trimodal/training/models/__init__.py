@@ -1,12 +1,20 @@
-"""Model registry: families are built by name from a config's flat [model] table."""
+"""Model registry: families are built by name from a config's flat [model] table.
+
+Each family is a package here (`mmn/`, `nlmm/`, …) that registers its builder with `@register_model`; its
+model implements the contract in `family.py`. Adding or deleting a family touches its folder and
+`FAMILIES` below, nothing else.
+"""
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import typing
 from collections.abc import Callable
 
 from trimodal.errors import ConfigError
+
+FAMILIES = ("bitmar", "cman", "dualloop", "mmn", "nlmm")  # the packages that register themselves
 
 _BUILDERS: dict[str, Callable] = {}
 
@@ -44,28 +52,20 @@ def model_defaults(name: str) -> dict:
             if p.default is not inspect.Parameter.empty}
 
 
-def family_has(attribute: str) -> list[str]:
-    """The families whose model class defines `attribute` (e.g. "ttt_settings")."""
+def family_class(name: str) -> type:
+    """The model class family `name`'s builder returns (its return annotation)."""
     _load_families()
-    return sorted(name for name in _BUILDERS if family_attribute(name, attribute, _ABSENT) is not _ABSENT)
-
-
-_ABSENT = object()
+    return typing.get_type_hints(_BUILDERS[name])["return"]
 
 
 def family_attribute(name: str, attribute: str, default=None):
     """A class attribute of family `name`'s model (e.g. its "loss_names"), or `default`."""
-    _load_families()
-    return getattr(typing.get_type_hints(_BUILDERS[name]).get("return"), attribute, default)
+    return getattr(family_class(name), attribute, default)
 
 
-def model_inputs(model) -> dict:
-    """What `model` reads from the feature store (`trimodal.training.data.DEFAULT_INPUTS`): its own
-    `store_inputs()`, else image tokens for models built with `image_tokens`."""
-    custom = getattr(model, "store_inputs", None)
-    if custom is not None:
-        return custom()
-    return {"image": "tokens" if getattr(model, "image_tokens", False) else "embedding"}
+def families_where(attribute: str) -> list[str]:
+    """The families whose model class sets `attribute` true (e.g. "has_test_time_training")."""
+    return [name for name in available_models() if family_attribute(name, attribute)]
 
 
 def parameter_counts(model) -> tuple[int, int]:
@@ -75,4 +75,5 @@ def parameter_counts(model) -> tuple[int, int]:
 
 
 def _load_families() -> None:
-    from trimodal.training.models import bitmar, cman, dualloop, mmn, nlmm  # noqa: F401  (each registers itself)
+    for family in FAMILIES:  # each registers itself on import
+        importlib.import_module(f"trimodal.training.models.{family}")

@@ -30,10 +30,9 @@ from trimodal.errors import ConfigError
 from trimodal.training.losses import clip_loss, max_margin_loss, multimodal_pairs
 from trimodal.training.models import register_model
 from trimodal.training.models.encoders import AudioEncoder, TextEncoder, masked_mean, sinusoidal_positions, transformer
-from trimodal.training.models.lora import add_lora, tower_top
-from trimodal.training.models.mmn import EmptyInputError
+from trimodal.training.models.cman.lora import add_lora, tower_top
+from trimodal.training.models.family import MODALITIES, Family, present_modalities
 
-MODALITIES = ("image", "text", "audio")
 LOSSES = ("max_margin", "infonce")
 
 
@@ -85,12 +84,18 @@ class TowerInput(nn.Module):
         return self.top.head(states, mask), states, mask
 
 
-class CrossModalAttentionNetwork(nn.Module):
+class CrossModalAttentionNetwork(Family):
+    """Under torchrun the frozen tower weights are the same on every rank by construction (the weights file,
+    or the fixed-seed random init) and hold no gradient; DDP all-reduces the gradients of the LoRA adapters,
+    the input projections and the fusion transformer only. The max-margin loss takes its hardest negatives
+    from the global batch (the trainer gathers the latents)."""
+
     def __init__(self, inputs: dict[str, TowerInput], *, fusion_dim: int, fusion_heads: int, fusion_layers: int,
                  latent_dim: int, dropout: float, loss: str, margin: float, max_violation: bool, fused_weight: float,
                  store_inputs: dict):
         super().__init__()
         self.inputs = nn.ModuleDict(inputs)
+        self.modalities = tuple(m for m in MODALITIES if m in inputs)  # the config's `modalities`
         self.type_embedding = nn.Embedding(len(MODALITIES) + 1, fusion_dim)  # the last one: the fusion token
         self.fusion = transformer(fusion_dim, fusion_heads, fusion_layers, dropout)
         self.norm = nn.LayerNorm(fusion_dim)
@@ -129,9 +134,7 @@ class CrossModalAttentionNetwork(nn.Module):
         return F.normalize(self.fused_projection(self.norm(hidden[:, 0])).float(), dim=-1)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        present = [m for m in self.inputs if m in batch or (m == "image" and "image_tokens" in batch)]
-        if not present:
-            raise EmptyInputError("empty input: a batch needs at least one of image, text, audio")
+        present = present_modalities(self, batch)
         latents = {m: self.encode(m, batch) for m in present}
         if self.training and self.fused_weight > 0 and len(present) == 3:
             # Leave one out: the other two modalities fused, matched against the third.

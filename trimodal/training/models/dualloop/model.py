@@ -23,13 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from trimodal.errors import ConfigError
-from trimodal.training.config import TrainConfig
-from trimodal.training.controller import ControlledOptimization, LearningRateController
+from trimodal.training.settings import TrainConfig
+from trimodal.training.models.dualloop.controller import ControlledOptimization, LearningRateController
 from trimodal.training.losses import clip_loss, multimodal_infonce
 from trimodal.training.models import register_model
 from trimodal.training.models.encoders import (AudioEncoder, ImageEncoder, TextEncoder, masked_mean,
                                                 run_encoder, sinusoidal_positions, transformer)
-from trimodal.training.models.mmn import MODALITIES, EmptyInputError
+from trimodal.training.models.family import MODALITIES, Family, present_modalities
 
 FUSIONS = ("early", "late", "cross")
 
@@ -158,7 +158,7 @@ class CrossFusion(nn.Module):
 
 # -- the model ---------------------------------------------------------------------------------------
 
-class DualLoopModel(nn.Module):
+class DualLoopModel(Family):
     def __init__(self, *, image_dim: int, image_tokens: bool, image_token_dim: int, vocab_size: int,
                  context_length: int, n_mels: int, model_dim: int, latent_dim: int, heads: int, layers: int,
                  fusion: str, fusion_layers: int, fusion_tokens: int, fused_weight: float, dropout: float,
@@ -204,9 +204,7 @@ class DualLoopModel(nn.Module):
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         """Each present modality's own latents, and "fused": the fusion of all of them."""
-        present = [m for m in MODALITIES if m in batch]
-        if not present:
-            raise EmptyInputError("empty input: a batch needs at least one of image, text, audio")
+        present = present_modalities(self, batch)
         parts = {modality: self.tokens(modality, batch) for modality in present}
         latents = {modality: self.fuse({modality: parts[modality]}) for modality in present}
         latents["fused"] = self.fuse(parts)
@@ -230,8 +228,20 @@ class DualLoopModel(nn.Module):
         return total, {**losses, **fused}
 
     def make_optimization(self, train: TrainConfig, total_steps: int) -> ControlledOptimization:
+        """AdamW at the schedule's rate × the controller's multiplier. Under torchrun rank 0 decides each
+        window's multiplier and every rank applies it (see `ControlledOptimization`)."""
         return ControlledOptimization(self, train, total_steps, self.controller,
                                       update_frequency=self.update_frequency, controller_lr=self.controller_lr)
+
+    def plots(self, records: list[dict], folder) -> list:
+        from trimodal.training.plots import plot_series
+
+        train = [r for r in records if r["type"] == "train" and "controller" in r]
+        if not train:
+            return []
+        return [plot_series(train, "controller", (("lr_multiplier", "learning-rate multiplier"),
+                                                  ("reward", "reward of the last window")),
+                            folder / "optimization.png")]
 
 
 @register_model("dualloop")

@@ -23,12 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from trimodal.errors import ConfigError
-from trimodal.training.continuum import ContinuumOptimization, check_levels
+from trimodal.training.models.nlmm.continuum import ContinuumOptimization, check_levels
 from trimodal.training.losses import clip_loss
 from trimodal.training.models import register_model
-from trimodal.training.models.cms import CMSTransformer, level_parameters
+from trimodal.training.models.nlmm.cms import CMSTransformer, level_parameters
 from trimodal.training.models.encoders import AudioEncoder, ImageEncoder, TextEncoder, run_encoder
-from trimodal.training.models.mmn import MODALITIES, EmptyInputError
+from trimodal.training.models.family import MODALITIES, Family, present_modalities
 
 DEFAULT_LEVELS = [{"name": "fast", "chunk_size": 1, "lr": 2e-4, "optimizer": "dmgd"},
                   {"name": "mid", "chunk_size": 4, "lr": 2e-4, "optimizer": "m3"},
@@ -50,7 +50,9 @@ class LowRankAdapter(nn.Module):
         return self.up(self.down(x))
 
 
-class NestedLearningModel(nn.Module):
+class NestedLearningModel(Family):
+    has_test_time_training = True
+
     def __init__(self, *, image_dim: int, image_tokens: bool, image_token_dim: int, vocab_size: int,
                  context_length: int, n_mels: int, model_dim: int, latent_dim: int, heads: int, depth: dict,
                  shared_depth: int, mlp_ratio: int, cms_levels: list[dict], dropout: float, ttt_max_steps: int, ttt_eta: float, adapter_rank: int):
@@ -89,10 +91,7 @@ class NestedLearningModel(nn.Module):
         return F.normalize((self.projections[modality](state) + self.adapters[modality](state)).float(), dim=-1)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        present = [m for m in MODALITIES if m in batch]
-        if not present:
-            raise EmptyInputError("empty input: a batch needs at least one of image, text, audio")
-        return {modality: self.encode(modality, batch) for modality in present}
+        return {modality: self.encode(modality, batch) for modality in present_modalities(self, batch)}
 
     # -- the trainer's hooks --------------------------------------------------------------------
 
@@ -100,13 +99,30 @@ class NestedLearningModel(nn.Module):
         return level_parameters(self, [level["name"] for level in self.cms_levels])
 
     def make_optimization(self, train, total_steps: int) -> ContinuumOptimization:
+        """Every CMS level stepped by its own optimizer on its own period. Under torchrun each rank
+        accumulates the same all-reduced (global-batch) gradients and steps its levels at the same global
+        steps, so the periods count global steps and the replicas stay identical."""
         return ContinuumOptimization(self, train, total_steps, self.cms_levels, self.level_parameters())
+
+    def plots(self, records: list[dict], folder) -> list:
+        from trimodal.training.plots import plot_series
+
+        train = [r for r in records if r["type"] == "train" and "levels" in r]
+        if not train:
+            return []
+        return [plot_series(train, "levels", (("change_norm", "‖Δθ‖ of the last update"),
+                                              ("updates", "updates so far")), folder / "optimization.png")]
 
     # -- test-time training ---------------------------------------------------------------------
 
     def ttt_settings(self) -> dict:
         return {"max_steps": self.ttt_max_steps, "eta": self.ttt_eta, "adapter_rank": self.adapter_rank,
                 "loss": "InfoNCE between two corrupted views of the query batch"}
+
+    def adapted_latents(self, embed, options: dict) -> dict[str, torch.Tensor]:
+        """Each query batch adapts the adapters on its own and restores them: batches are independent, so
+        under torchrun each rank takes its share of them."""
+        return embed(self.ttt_encode)
 
     def ttt_encode(self, modality: str, batch: dict) -> torch.Tensor:
         """Adapt this modality's adapter on the batch, encode the batch, restore the adapter."""

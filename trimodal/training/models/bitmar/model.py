@@ -19,6 +19,17 @@ Losses, chosen per training stage (`[[train.stages]]` `losses`):
   with each image's, which is the only memory test time has (captions are unknown there);
 - "memory": Larimar's objective — the batch's fused text+vision episodes are written, each is read back
   and the decoder reconstructs its caption from that read.
+
+The generative losses are token means over the whole batch: `forward` returns each row's summed
+cross-entropy and its token count, and `training_loss` divides the sums by the counts.
+
+Under torchrun an episode is the global batch, not a rank's share of it: the episode codes of every rank
+are gathered (with gradients) before the memory is written, every rank writes the same memory and reads
+its own rows from it. Why: the number of episodes a memory holds is part of the model (`mm eval` and
+`mm caption` write episodes of `train.batch_size` images), so it must not change with the number of
+GPUs, and N ranks then train exactly what one process with the whole batch would. The write noise is
+drawn from a generator whose state is a buffer of the model, the same on every rank (DDP broadcasts
+buffers) and saved with the weights, so a resumed run draws the same noise.
 """
 
 from __future__ import annotations
@@ -30,21 +41,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trimodal import distributed
 from trimodal.features.towers import caption_extent, masked_mean
-from trimodal.training.generation import beam_search
 from trimodal.training.losses import multimodal_infonce
 from trimodal.training.models import register_model
-from trimodal.training.models.bitnet import BitLinear, BitTransformer, quantisation_report
-from trimodal.training.models.larimar import EpisodicMemory
-from trimodal.training.models.mmn import EmptyInputError
+from trimodal.training.models.bitmar.bitnet import BitLinear, BitTransformer, quantisation_report
+from trimodal.training.models.bitmar.generation import beam_search
+from trimodal.training.models.bitmar.larimar import EpisodicMemory
+from trimodal.training.models.family import EvaluationExtras, Family, present_modalities
 
 LOSSES = ("lm", "contrastive", "caption", "memory")
+TOKEN_LOSSES = ("lm", "caption", "memory")  # the cross-entropies, returned per row by `forward`
 
 
-class BitMar(nn.Module):
+class BitMar(Family):
     modalities = ("image", "text")
     loss_names = LOSSES
     default_losses = ("contrastive", "caption", "memory")
+    generates_captions = True
 
     def __init__(self, *, image_dim: int, vocab_size: int, dim: int, heads: int, encoder_layers: int,
                  decoder_layers: int, fusion_layers: int, mlp_ratio: float, latent_dim: int, memory_size: int,
@@ -67,6 +81,9 @@ class BitMar(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         # Set once a stage trained the memory: captions are then generated with its recall.
         self.register_buffer("memory_trained", torch.tensor(False))
+        # The state of the memory-write noise's generator (seeded from the global RNG at build time).
+        noise = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
+        self.register_buffer("noise_state", noise.get_state())
         self.losses: tuple[str, ...] = self.default_losses
 
     # -- stages --------------------------------------------------------------------------------------
@@ -76,9 +93,15 @@ class BitMar(nn.Module):
         if "memory" in self.losses:
             self.memory_trained.fill_(True)
 
-    def quantisation(self) -> dict:
+    def epoch_records(self) -> list[dict]:
         """`quantisation_report`: -1/0/+1 shares per BitLinear, packed vs fp16 size."""
-        return quantisation_report(self)
+        return [{"type": "quantisation", **quantisation_report(self)}]
+
+    def plots(self, records: list[dict], folder) -> list:
+        from trimodal.training.models.bitmar.plots import plot_quantisation
+
+        quantisation = [r for r in records if r["type"] == "quantisation"]
+        return [plot_quantisation(quantisation[-1], folder / "quantisation.png")] if quantisation else []
 
     # -- encoders ------------------------------------------------------------------------------------
 
@@ -100,18 +123,31 @@ class BitMar(nn.Module):
         text = self.absent_text.expand_as(vision) if text is None else text
         return self.episode(self.fusion(torch.stack([vision, text], dim=1)).mean(dim=1))
 
-    def recalled(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the episode `codes` and read each one back: (prefix tokens (B, dim), slot weights (B, K))."""
-        memory = self.memory.write(codes)
+    def recalled(self, codes: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the episode `codes` and read each one back: (prefix tokens (B, dim), slot weights (B, K)).
+        In training, the episodes written are those of the global batch's `rows` (every rank's, gathered);
+        each rank reads back its own."""
+        written = codes
+        if self.training:
+            everyone = distributed.gather_rows(codes)
+            if rows is not None:
+                everyone = everyone[distributed.gather_rows_detached(rows)]
+            written = everyone
+        memory = self.memory.write(written, self._write_noise(written) if self.training else None)
         read, weights = self.memory.read(memory, codes)
         return self.recall(read.to(codes.dtype)), weights
+
+    def _write_noise(self, episodes: torch.Tensor) -> torch.Tensor:
+        """Standard normal noise of `episodes`' shape from the model's own generator, advanced in the buffer."""
+        generator = torch.Generator().set_state(self.noise_state.cpu())
+        noise = torch.randn(episodes.shape, generator=generator)
+        self.noise_state.copy_(generator.get_state())
+        return noise.to(episodes.device)
 
     # -- training ------------------------------------------------------------------------------------
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        present = [m for m in self.modalities if m in batch]
-        if not present:
-            raise EmptyInputError("empty input: a batch needs at least one of image, text (bitmar reads no audio)")
+        present_modalities(self, batch)
         latents, vision, text, ids = {}, None, None, None
         if "image" in batch:
             vision = self.vision(batch["image"])
@@ -125,42 +161,61 @@ class BitMar(nn.Module):
         return latents
 
     def _generative_losses(self, batch: dict, ids: torch.Tensor, vision, text) -> dict[str, torch.Tensor]:
+        """Each row's summed caption cross-entropy and token count ("<loss>_sum", "<loss>_tokens"; zero for
+        rows that take no part) for the stage's generative losses."""
         rows = batch.get("text_present", torch.ones(len(ids), dtype=torch.bool, device=ids.device))
         losses = {}
         if "lm" in self.losses:
-            losses["lm"] = self.caption_loss(self.null_prefix.expand(int(rows.sum()), -1, -1), ids[rows])
+            losses.update(self._per_row("lm", rows, self.null_prefix.expand(int(rows.sum()), -1, -1), ids[rows]))
         if vision is None:
             return losses
         rows = rows & batch.get("image_present", rows)
-        if int(rows.sum()) < 2:
+        if int(distributed.gather_rows_detached(rows).sum()) < 2:  # the same decision on every rank
             return losses
-        ids, vision, text = ids[rows], vision[rows], text[rows]
         if "caption" in self.losses:
             if "memory" in self.losses:
-                second, _ = self.recalled(self.episodes(vision, None))
+                second = self._memory_prefix(vision, rows, None)
             else:
-                second = self.null_prefix[1].expand_as(vision)
-            losses["caption"] = self.caption_loss(torch.stack([vision, second], dim=1), ids)
+                second = self.null_prefix[1].expand_as(vision[rows])
+            losses.update(self._per_row("caption", rows, torch.stack([vision[rows], second], dim=1), ids[rows]))
         if "memory" in self.losses:
-            second, _ = self.recalled(self.episodes(vision, text))
-            losses["memory"] = self.caption_loss(torch.stack([vision, second], dim=1), ids)
+            second = self._memory_prefix(vision, rows, text)
+            losses.update(self._per_row("memory", rows, torch.stack([vision[rows], second], dim=1), ids[rows]))
         return losses
+
+    def _memory_prefix(self, vision: torch.Tensor, rows: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
+        """What the memory recalls for each of `rows`, written with the global batch's episodes of those rows
+        (image-only episodes when `text` is None)."""
+        second, _ = self.recalled(self.episodes(vision, text), rows)
+        return second[rows]
+
+    def _per_row(self, name: str, rows: torch.Tensor, prefix: torch.Tensor, ids: torch.Tensor) -> dict:
+        """Row sums and token counts of a generative loss over `rows` of the batch, zeros for the others."""
+        sums, counts = self.caption_loss(prefix, ids)
+        where = (rows.nonzero().flatten(),)
+        return {f"{name}_sum": sums.new_zeros(len(rows)).index_put(where, sums),
+                f"{name}_tokens": counts.new_zeros(len(rows)).index_put(where, counts)}
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden @ self.token_embedding.weight.T  # the output head is the tied embedding
 
-    def caption_loss(self, prefix: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of each next caption token (after start-of-text) given `prefix` (B, P, dim)."""
+    def caption_loss(self, prefix: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row: the summed cross-entropy of each next caption token (after start-of-text) given `prefix`
+        (B, P, dim), and how many tokens it sums (B,)."""
         inputs, targets = ids[:, :-1], ids[:, 1:]
         hidden = self.decoder(torch.cat([prefix, self.token_embedding(inputs)], dim=1))[:, prefix.shape[1] :]
         real = targets != 0  # padding is never predicted (nor computed)
-        return F.cross_entropy(self.logits(hidden[real]).float(), targets[real])
+        token_losses = F.cross_entropy(self.logits(hidden[real]).float(), targets[real], reduction="none")
+        owner = real.nonzero()[:, 0]
+        sums = torch.zeros(len(ids), dtype=token_losses.dtype, device=ids.device).index_add(0, owner, token_losses)
+        return sums, real.sum(dim=1).to(token_losses.dtype)
 
     def training_loss(self, latents: dict[str, torch.Tensor], present: dict[str, torch.Tensor],
                       weights: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The weighted sum of this stage's losses (`weights` by loss name, 1 when absent)."""
         weights = weights or {}
-        losses = {name: latents[name] for name in ("lm", "caption", "memory") if name in latents}
+        losses = {name: latents[f"{name}_sum"].sum() / latents[f"{name}_tokens"].sum().clamp(min=1)
+                  for name in TOKEN_LOSSES if f"{name}_sum" in latents}
         if "contrastive" in self.losses and "image" in latents and "text" in latents:
             losses["contrastive"], _ = multimodal_infonce({m: latents[m] for m in self.modalities}, present,
                                                           self.logit_scale)
@@ -198,6 +253,28 @@ class BitMar(nn.Module):
         tokens = beam_search(next_log_probs, len(images), start=start, end=end, beams=beams,
                              max_tokens=max_tokens or self.max_caption_tokens, device=images.device)
         return tokens, weights
+
+    @torch.no_grad()
+    def caption_images(self, images: torch.Tensor, *, start: int, end: int, beams: int, episode_size: int,
+                       batch_size: int = 256) -> tuple[list[list[int]], torch.Tensor]:
+        """`generate` over any number of image vectors, in batches of whole episodes (so the memory's
+        episodes do not depend on `batch_size`)."""
+        batch_size = episode_size * max(1, batch_size // episode_size)
+        tokens, weights = [], []
+        for first in range(0, len(images), batch_size):
+            ids, slot_weights = self.generate(images[first : first + batch_size], start=start, end=end, beams=beams,
+                                              episode_size=episode_size)
+            tokens += ids
+            weights.append(slot_weights)
+        return tokens, torch.cat(weights) if weights else torch.zeros(0, self.memory.slots)
+
+    def evaluation_extras(self, context) -> EvaluationExtras | None:
+        """Captions of every image of the split, scored (BLEU, ROUGE-L, CIDEr), and how they read the memory."""
+        from trimodal.training.models.bitmar.captioning import caption_evaluation
+
+        if context.data.images is None or context.data.tokens is None:
+            return None
+        return caption_evaluation(self, context)
 
 
 @register_model("bitmar")

@@ -21,12 +21,7 @@ from torch import nn
 
 from trimodal.training.models import register_model
 from trimodal.training.models.encoders import AudioEncoder, ImageEncoder, TextEncoder, run_encoder
-
-MODALITIES = ("image", "text", "audio")
-
-
-class EmptyInputError(ValueError):
-    """A batch with none of the modalities the model encodes."""
+from trimodal.training.models.family import MODALITIES, Family, present_modalities
 
 
 class MemoryBank(nn.Module):
@@ -60,7 +55,10 @@ class MemoryBank(nn.Module):
         return touched.nonzero().flatten()
 
 
-class MultimodalMemoryNetwork(nn.Module):
+class MultimodalMemoryNetwork(Family):
+    has_test_time_training = True
+    ttt_options = ("k", "step")
+
     def __init__(self, *, image_dim: int, image_tokens: bool, image_token_dim: int, vocab_size: int,
                  context_length: int, n_mels: int, model_dim: int, latent_dim: int, heads: int, layers: int,
                  image_layers: int, memory_slots: int, central_slots: int, feedback_steps: int, dropout: float,
@@ -102,10 +100,7 @@ class MultimodalMemoryNetwork(nn.Module):
         return F.normalize(self.projections[modality](state).float(), dim=-1)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        present = [m for m in MODALITIES if m in batch]
-        if not present:
-            raise EmptyInputError("empty input: a batch needs at least one of image, text, audio")
-        return {modality: self.encode(modality, batch) for modality in present}
+        return {modality: self.encode(modality, batch) for modality in present_modalities(self, batch)}
 
     # -- test-time training -----------------------------------------------------------------------
 
@@ -122,6 +117,24 @@ class MultimodalMemoryNetwork(nn.Module):
 
     def ttt_settings(self) -> dict:
         return {"k": self.ttt_k, "step": self.ttt_step}
+
+    def check_ttt_options(self, options: dict) -> list[str]:
+        k, step = options.get("k"), options.get("step")
+        if (k is not None and k < 1) or (step is not None and not 0 < step <= 1):
+            return ["--ttt-k must be at least 1 and --ttt-step in (0, 1]"]
+        return []
+
+    def adapted_latents(self, embed, options: dict) -> dict[str, torch.Tensor]:
+        """One pass over the split's inputs writes the memory (top-k slots per query, `options` k and step),
+        then the split is embedded with the adapted memory, then the trained memory is restored. The
+        writing pass runs every batch on every rank: each write depends on the ones before it."""
+        self.start_test_time_training(options.get("k"), options.get("step"))
+        try:
+            embed(self.encode, every_batch=True)  # the adaptation pass
+            self.test_time_training = False
+            return embed(self.encode)
+        finally:
+            self.reset_memory()
 
     @torch.no_grad()
     def reset_memory(self) -> None:

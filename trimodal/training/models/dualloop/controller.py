@@ -16,8 +16,12 @@ validation recall is only an input: one value per epoch is too sparse a reward. 
 toward short-term progress (a high rate can lower the loss now and hurt later); the bounded multiplier
 and the decaying schedule it multiplies keep that in check.
 
-The sampling noise comes from torch's global CPU generator, whose state the trainer checkpoints, and
-every number the next update needs is in `state_dict()`, so a resumed run picks the same multipliers.
+The sampling noise comes from a generator of the optimization's own, seeded by `train.seed`, and every
+number the next update needs (that generator's state included) is in `state_dict()`, so a resumed run
+picks the same multipliers. Under torchrun every rank sees the same window statistics (the loss is the
+global batch's, the gradient norm that of the all-reduced gradients), and rank 0's decision is final:
+its multiplier, action and controller parameters are broadcast at the end of every window, so all ranks
+step with one learning rate even if their floating-point arithmetic drifted apart.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import math
 import torch
 from torch import nn
 
-from trimodal.training.config import TrainConfig
+from trimodal.training.settings import TrainConfig
 from trimodal.training.optimization import Optimization
 
 FEATURES = 5  # log loss, relative loss change, log gradient norm, validation recall, log multiplier
@@ -61,9 +65,9 @@ class LearningRateController(nn.Module):
         squashed = torch.sigmoid(self.head(h)).squeeze()
         return self.log_min + (self.log_max - self.log_min) * squashed, (h, c)
 
-    def sample(self, mean: torch.Tensor) -> torch.Tensor:
-        """a ~ N(μ, exploration²), the noise drawn from torch's global CPU generator."""
-        noise = torch.randn(()).to(mean.device)
+    def sample(self, mean: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """a ~ N(μ, exploration²), the noise drawn from `generator` (a CPU generator)."""
+        noise = torch.randn((), generator=generator).to(mean.device)
         return (mean + self.exploration * noise).detach()
 
     def log_prob(self, action: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
@@ -96,6 +100,7 @@ class ControlledOptimization(Optimization):
         self.last_reward: float | None = None
         self.windows = 0
         self.val_recall = 0.0
+        self.generator = torch.Generator().manual_seed(train.seed)
 
     def schedule(self, step: int) -> float:
         return super().schedule(step) * self.multiplier
@@ -121,6 +126,17 @@ class ControlledOptimization(Optimization):
             self.reinforce((self.previous_loss - mean_loss) / max(self.previous_loss, TINY))
         self.act(self.features(mean_loss, mean_grad_norm))
         self.previous_loss = mean_loss
+        self.follow_rank_zero()
+
+    def follow_rank_zero(self) -> None:
+        """Under torchrun: rank 0's controller, its decision and its baseline on every rank (one decision)."""
+        from trimodal import distributed
+
+        distributed.broadcast_tensors(list(self.controller.parameters()) + list(self.lstm_state))
+        decided = distributed.broadcast_object({"multiplier": self.multiplier, "baseline": self.baseline,
+                                                "action": {k: v.cpu() for k, v in self.action.items()}})
+        self.multiplier, self.baseline = decided["multiplier"], decided["baseline"]
+        self.action = {k: v.to(self.device) for k, v in decided["action"].items()}
 
     def features(self, mean_loss: float, mean_grad_norm: float) -> torch.Tensor:
         change = 0.0 if self.previous_loss is None else (mean_loss - self.previous_loss) / max(self.previous_loss, TINY)
@@ -145,7 +161,7 @@ class ControlledOptimization(Optimization):
     def act(self, features: torch.Tensor) -> None:
         h, c = self.lstm_state
         mean, self.lstm_state = self.controller.policy(features, (h, c))
-        action = self.controller.sample(mean)
+        action = self.controller.sample(mean, self.generator)
         self.action = {"action": action, "features": features, "h": h, "c": c}
         self.multiplier = self.controller.multiplier(action)
 
@@ -165,7 +181,7 @@ class ControlledOptimization(Optimization):
             "window_steps": self.window_steps, "previous_loss": self.previous_loss,
             "action": None if self.action is None else {k: v.detach().clone() for k, v in self.action.items()},
             "baseline": self.baseline, "last_reward": self.last_reward, "windows": self.windows,
-            "multiplier": self.multiplier, "val_recall": self.val_recall,
+            "multiplier": self.multiplier, "val_recall": self.val_recall, "generator": self.generator.get_state(),
         }
         return state
 
@@ -180,3 +196,4 @@ class ControlledOptimization(Optimization):
         self.action = None if saved["action"] is None else {k: v.to(self.device) for k, v in saved["action"].items()}
         self.baseline, self.last_reward, self.windows = saved["baseline"], saved["last_reward"], saved["windows"]
         self.multiplier, self.val_recall = saved["multiplier"], saved["val_recall"]
+        self.generator.set_state(saved["generator"])

@@ -43,12 +43,13 @@ class EpisodicMemory(nn.Module):
         """w = z·M†: (N, C) codes -> (N, K) slot weights."""
         return codes @ pseudo_inverse(memory, self.pinv_steps)
 
-    def write(self, episodes: torch.Tensor) -> torch.Tensor:
-        """M = W†·Z, W = Z·M₀†, for (N, C) episode codes; noise ξ ~ N(0, σ²) is added in training."""
+    def write(self, episodes: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """M = W†·Z, W = Z·M₀†, for (N, C) episode codes; with `noise` (standard normal, the episodes' shape),
+        ξ = write_noise · noise is added first (in training)."""
         with torch.autocast(episodes.device.type, enabled=False):  # pseudo-inverses want float32
             episodes = episodes.float()
-            if self.training and self.write_noise > 0:
-                episodes = episodes + self.write_noise * torch.randn_like(episodes)
+            if noise is not None and self.write_noise > 0:
+                episodes = episodes + self.write_noise * noise.float()
             weights = self.address(episodes, self.prior.float())
             return pseudo_inverse(weights, self.pinv_steps) @ episodes
 

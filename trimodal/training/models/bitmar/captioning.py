@@ -20,6 +20,8 @@ from trimodal.errors import ConfigError
 from trimodal.features.text import OpenClipTokenizer
 from trimodal.pipeline.shard import read_index
 from trimodal.pipeline.stream import read_shard
+from trimodal.training.caption_run import generate_captions
+from trimodal.training.models.family import EvaluationContext, EvaluationExtras
 
 METRICS_SOURCE = ("pycocoevalcap (Bleu, Rouge, Cider); lower-cased word tokens, punctuation dropped; "
                   "METEOR not reported (its maintained implementations need Java or downloaded WordNet data)")
@@ -61,21 +63,6 @@ def caption_scores(references: dict[str, list[str]], generated: dict[str, str]) 
     return {**{f"BLEU-{n}": float(bleu[n - 1]) for n in range(1, 5)}, "ROUGE-L": float(rouge), "CIDEr": float(cider)}
 
 
-def generate_captions(model, images: np.ndarray, tokenizer: OpenClipTokenizer, device: torch.device, *,
-                      beams: int = 1, episode_size: int = 32, batch_size: int = 256) -> tuple[list[str], np.ndarray]:
-    """A caption for each (N, image_dim) image vector, and the memory slot weights of each read (N, K).
-    Batches are whole episodes, so the memory episodes do not depend on `batch_size`."""
-    start, end = tokenizer.special_ids()
-    batch_size = episode_size * max(1, batch_size // episode_size)
-    captions, weights = [], []
-    for first in range(0, len(images), batch_size):
-        chunk = torch.from_numpy(np.asarray(images[first : first + batch_size], np.float32)).to(device)
-        ids, slot_weights = model.generate(chunk, start=start, end=end, beams=beams, episode_size=episode_size)
-        captions += [tokenizer.decode(row) for row in ids]
-        weights.append(slot_weights.float().cpu().numpy())
-    return captions, np.concatenate(weights) if weights else np.zeros((0, 0), np.float32)
-
-
 def slot_access(weights: np.ndarray) -> dict:
     """How the memory's slots were addressed: mean |w| per slot, and how evenly (entropy / log K)."""
     access = np.abs(weights).mean(axis=0) if len(weights) else np.zeros(0)
@@ -88,3 +75,28 @@ def slot_access(weights: np.ndarray) -> dict:
     half = int(np.searchsorted(np.cumsum(np.sort(share)[::-1]), 0.5) + 1)
     return {"slots": int(access.size), "mean_abs_weight": access.tolist(), "normalised_entropy": entropy,
             "slots_for_half_the_mass": half}
+
+
+def caption_evaluation(model, context: EvaluationContext) -> EvaluationExtras:
+    """Captions for every image of the split, scored: the result's "captioning" and "memory", the lines of
+    `captions-<split>.jsonl` (key, generated, references), and the slot-access plot."""
+    from trimodal.training.models.bitmar.plots import plot_slot_access
+
+    data, split, run = context.data, context.split, context.run
+    beams, episode_size = context.options.get("beams", 3), int(context.train["batch_size"])
+    references = split_references(context.shards, split)
+    captions, weights = generate_captions(model, data.images, OpenClipTokenizer(context.store_config["text"]["tokenizer"]),
+                                          context.device, beams=beams, episode_size=episode_size)
+    generated = dict(zip(data.keys, captions))
+    access = slot_access(weights)
+    if bool(model.memory_trained):
+        (run / "plots").mkdir(exist_ok=True)
+        plot_slot_access(access["mean_abs_weight"], run / "plots" / f"memory-slots-{split}.png",
+                         f"memory slot access, {split} ({len(data.keys)} reads)")
+    lines = [{"key": key, "generated": generated[key], "references": references.get(key, [])} for key in data.keys]
+    captions_file = f"captions-{split}.jsonl"
+    return EvaluationExtras(
+        result={"captioning": {**caption_scores(references, generated), "images": len(captions), "beams": beams,
+                               "captions_file": captions_file, "metrics_from": METRICS_SOURCE},
+                "memory": {"used": bool(model.memory_trained), "episode_size": episode_size, **access}},
+        files={captions_file: lines})

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from trimodal.errors import ConfigError
-from trimodal.training.config import TrainConfig
+from trimodal.training.settings import TrainConfig
 from trimodal.training.optimization import Optimization, decay_groups
 
 LEVEL_OPTIMIZERS = ("dmgd", "adamw", "m3")
@@ -57,7 +57,7 @@ def check_levels(levels: list) -> list[dict]:
 
 
 def level_optimizer(kind: str, named, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    from trimodal.training.optimizers import DMGD, M3
+    from trimodal.training.models.nlmm.optimizers import DMGD, M3
 
     groups = decay_groups(named, weight_decay)
     if kind == "adamw":

@@ -1,0 +1,99 @@
+"""What a run folder holds besides checkpoints: `config.resolved.toml`, `metrics.jsonl` and TensorBoard
+events. Under torchrun only rank 0 writes them; the other ranks get a `RunLog` that writes nothing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+
+from trimodal import __version__
+from trimodal.training.config import RunConfig, dump_toml
+from trimodal.training.optimization import flatten
+from trimodal.training.plots import read_metrics
+
+
+class RunLog:
+    """metrics.jsonl (one JSON record per line) and TensorBoard scalars; `enabled=False` writes nothing."""
+
+    def __init__(self, run: Path, enabled: bool = True):
+        self.enabled = enabled
+        self._file = self._writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(run / "tensorboard"))
+            self._file = open(run / "metrics.jsonl", "a", encoding="utf-8")
+
+    def record(self, record: dict) -> None:
+        if self.enabled:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.enabled:
+            for tag, value in values.items():
+                self._writer.add_scalar(tag, value, step)
+
+    def train_record(self, record: dict) -> None:
+        """A "train" record, and its numbers as TensorBoard scalars (nested ones as `train/<a>/<b>`)."""
+        self.record(record)
+        step = record["step"]
+        self.scalars({"train/loss": record["loss"], "train/lr": record["lr"],
+                      "train/samples_per_s": record["samples_per_s"],
+                      **{f"train/loss/{name}": value for name, value in record["losses"].items()},
+                      **{f"train/{tag}": value for tag, value in flatten(
+                          {k: v for k, v in record.items() if isinstance(v, dict) and k != "losses"}).items()}},
+                     step)
+
+    def val_record(self, record: dict) -> None:
+        self.record(record)
+        if record.get("directions"):
+            self.scalars({**{f"val/{direction}/R@10": values["R@10"] for direction, values in record["directions"].items()},
+                          "val/mean_recall": record["mean_recall"]}, record["epoch"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self._file.close()
+            self._writer.close()
+
+
+def truncate_metrics(path: Path, last_epoch: int) -> None:
+    """Drop what an interrupted epoch logged after the checkpoint we resume from."""
+    kept = [r for r in read_metrics(path) if r["epoch"] <= last_epoch]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+
+
+def versions() -> dict:
+    found = {"trimodal": __version__}
+    for package in ("torch", "torchaudio", "open_clip_torch", "zarr", "webdataset", "numpy"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def git_commit() -> str:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                                capture_output=True, text=True, timeout=5)
+        return result.stdout.strip() if result.returncode == 0 else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def write_resolved_config(run: Path, config: RunConfig, model_settings: dict, train: dict, data: dict,
+                          facts: dict) -> None:
+    """`config.resolved.toml`: the model's settings (the store's sizes included), the [train] settings as
+    resolved for this run (`train`), where the data is, and `facts` about the run (parameters, device,
+    world size, batch per rank, …) with the versions and commit it ran."""
+    sections = {
+        "model": {"name": config.model_name, **model_settings},
+        "train": {**asdict(config.train), **train},
+        "data": data,
+        "run": {**facts, "git_commit": git_commit(), **versions()},
+    }
+    (run / "config.resolved.toml").write_text(dump_toml(sections), encoding="utf-8")
