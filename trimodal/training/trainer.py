@@ -191,7 +191,7 @@ def _train(config: RunConfig, shards: Path, features: Path, run: Path, dist: dis
         start_epoch, step, best, best_epoch = state["epoch"] + 1, state["step"], state["best"], state.get("best_epoch")
         if dist.main:
             truncate_metrics(run / "metrics.jsonl", state["epoch"])
-    trainer_model = _wrap(model, dist)
+    step_loss = _wrap(StepLoss(model, settings.modalities, settings.amp), dist)
     if dist.main:
         write_resolved_config(run, config, model_settings, {"data_streams": streams},
                               {"shards": str(shards), "features": str(features)},
@@ -208,7 +208,7 @@ def _train(config: RunConfig, shards: Path, features: Path, run: Path, dist: dis
             _seed_epoch(settings.seed, epoch, dist.rank)
             stage = _enter_stage(model, settings, epoch)
             started, first_step = time.monotonic(), step
-            step, rows_seen = _train_epoch(trainer_model, model, loader, optimization, settings, dist, epoch, step,
+            step, rows_seen = _train_epoch(step_loss, model, loader, optimization, settings, dist, epoch, step,
                                            dataset.batches_per_epoch, log, reporter, stage)
             train_seconds, train_steps = train_seconds + time.monotonic() - started, train_steps + step - first_step
             seen += rows_seen * dist.world_size
@@ -249,16 +249,16 @@ def _data_streams(settings: TrainConfig, world_size: int, state: dict | None) ->
                         f"epoch on it reads {world_size} (the global sample order changes from here)"]
 
 
-def _wrap(model: Family, dist: distributed.Dist):
-    """DDP around the model with several ranks (it broadcasts rank 0's weights and buffers first); the model
-    itself otherwise. Unused parameters are expected: a stage trains part of a model, a controller is not
-    in the forward pass, a modality may be absent."""
+def _wrap(step_loss: StepLoss, dist: distributed.Dist):
+    """DDP around the step's loss with several ranks (it broadcasts rank 0's weights and buffers first); the
+    module itself otherwise. Unused parameters are expected: a stage trains part of a model, a controller is
+    not in the forward pass, a modality may be absent."""
     if not dist.enabled:
-        return model
+        return step_loss
     from torch.nn.parallel import DistributedDataParallel
 
     with distributed.collective("starting DistributedDataParallel"):
-        return DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
+        return DistributedDataParallel(step_loss, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
                                        find_unused_parameters=True)
 
 
@@ -283,24 +283,30 @@ def _enter_stage(model: Family, settings: TrainConfig, epoch: int) -> dict | Non
     return stage
 
 
-def step_loss(trainer_model, model: Family, batch: dict, modalities, weights: dict | None,
-              amp) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One step's loss: the model's latents of this rank's rows, gathered from every rank (with gradients),
-    then the family's loss over the global batch."""
-    with amp:
-        latents = trainer_model(batch)
-    latents = {name: distributed.gather_rows(latents[name]) for name in sorted(latents)}
-    present = {m: distributed.gather_rows_detached(batch[f"{m}_present"]) for m in modalities}
-    return model.training_loss(latents, present, weights)
+class StepLoss(torch.nn.Module):
+    """One step's loss as a module (what DDP wraps, so that every parameter the loss uses, the temperature
+    included, is used inside its forward): the family's latents of this rank's rows, gathered from every
+    rank with gradients, then the family's loss over the global batch."""
+
+    def __init__(self, family: Family, modalities, amp: bool):
+        super().__init__()
+        self.family, self.modalities, self.amp = family, tuple(modalities), amp
+
+    def forward(self, batch: dict, weights: dict | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        device = next(self.family.parameters()).device
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp and device.type == "cuda"):
+            latents = self.family(batch)
+        latents = {name: distributed.gather_rows(latents[name]) for name in sorted(latents)}
+        present = {m: distributed.gather_rows_detached(batch[f"{m}_present"]) for m in self.modalities}
+        return self.family.training_loss(latents, present, weights)
 
 
-def _train_epoch(trainer_model, model: Family, loader, optimization: Optimization, settings: TrainConfig,
+def _train_epoch(step_loss, model: Family, loader, optimization: Optimization, settings: TrainConfig,
                  dist: distributed.Dist, epoch: int, step: int, batches: int, log: RunLog, reporter: Reporter,
                  stage: dict | None = None) -> tuple[int, int]:
     """One epoch's steps; returns the step reached and the rows this rank trained on."""
     model.train()
     device = dist.device
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=settings.amp and device.type == "cuda")
     started, seen, pending = time.monotonic(), 0, 0
     running: dict = {}
     weights = stage.get("weights", {}) if stage else settings.loss_weights
@@ -312,8 +318,8 @@ def _train_epoch(trainer_model, model: Family, loader, optimization: Optimizatio
             pending += 1
             # Gradients are all-reduced once per optimizer step, not on accumulation steps.
             syncing = pending == settings.grad_accum or not dist.enabled
-            with (nullcontext() if syncing else trainer_model.no_sync()), distributed.collective("a training step"):
-                loss, parts = step_loss(trainer_model, model, batch, settings.modalities, weights, amp)
+            with (nullcontext() if syncing else step_loss.no_sync()), distributed.collective("a training step"):
+                loss, parts = step_loss(batch, weights)
                 (loss / settings.grad_accum).backward()
             seen += len(batch["keys"])
             for name, value in {"loss": loss, **parts}.items():  # summed on the device: no sync per step

@@ -73,7 +73,9 @@ class ImageEncoder(nn.Module):
 
 class AudioEncoder(nn.Module):
     """Log-mel frames (B, T, n_mels) with a validity mask -> (B, dim): per-utterance normalisation, a
-    strided convolutional front-end (4x fewer frames), Transformer, masked mean."""
+    strided convolutional front-end (4x fewer frames), Transformer, masked mean. Padding is zeroed before
+    and between the convolutions, so an utterance's latent does not depend on how long the others in its
+    batch are (nor, under torchrun, on which rank's batch it falls in)."""
 
     def __init__(self, n_mels: int, dim: int, heads: int, layers: int, dropout: float,
                  backbone: nn.Module | None = None):
@@ -85,16 +87,23 @@ class AudioEncoder(nn.Module):
         self.encoder = backbone if backbone is not None else transformer(dim, heads, layers, dropout)
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, mel: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def frames(self, mel: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The front-end's frames (B, T/4, dim) with positions, and their validity mask (a frame is valid
+        when its first source frame was)."""
         weights = mask.unsqueeze(-1).to(mel.dtype)
         count = weights.sum(1, keepdim=True).clamp(min=1.0)
         mean = (mel * weights).sum(1, keepdim=True) / count
         std = (((mel - mean) ** 2 * weights).sum(1, keepdim=True) / count).sqrt().clamp(min=1e-3)
         mel = (mel - mean) / std * weights
-        hidden = self.frontend(mel.transpose(1, 2)).transpose(1, 2)
-        # A frame of the 4x shorter sequence is valid when its first source frame was.
+        first, first_activation, second, second_activation = self.frontend
+        hidden = first_activation(first(mel.transpose(1, 2)))
+        hidden = hidden * mask[:, ::2][:, : hidden.shape[2]].unsqueeze(1).to(hidden.dtype)
+        hidden = second_activation(second(hidden)).transpose(1, 2)
         mask = mask[:, ::4][:, : hidden.shape[1]]
-        hidden = hidden + sinusoidal_positions(hidden.shape[1], hidden.shape[2], hidden.device)
+        return hidden + sinusoidal_positions(hidden.shape[1], hidden.shape[2], hidden.device), mask
+
+    def forward(self, mel: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        hidden, mask = self.frames(mel, mask)
         hidden = self.encoder(hidden, src_key_padding_mask=~mask)
         return self.norm(masked_mean(hidden, mask))
 

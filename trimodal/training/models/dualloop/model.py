@@ -66,21 +66,10 @@ class ImageTokens(ImageEncoder):
 
 
 class AudioTokens(AudioEncoder):
-    """As AudioEncoder, but padding is zeroed between the two convolutions as well, so an utterance's
-    tokens do not depend on how long the others in its batch are."""
+    """As AudioEncoder, stopped before pooling."""
 
     def forward(self, mel: torch.Tensor, mask: torch.Tensor) -> Tokens:
-        weights = mask.unsqueeze(-1).to(mel.dtype)
-        count = weights.sum(1, keepdim=True).clamp(min=1.0)
-        mean = (mel * weights).sum(1, keepdim=True) / count
-        std = (((mel - mean) ** 2 * weights).sum(1, keepdim=True) / count).sqrt().clamp(min=1e-3)
-        mel = (mel - mean) / std * weights
-        first, first_activation, second, second_activation = self.frontend
-        hidden = first_activation(first(mel.transpose(1, 2)))
-        hidden = hidden * mask[:, ::2][:, : hidden.shape[2]].unsqueeze(1).to(hidden.dtype)
-        hidden = second_activation(second(hidden)).transpose(1, 2)
-        mask = mask[:, ::4][:, : hidden.shape[1]]  # a frame is valid when its first source frame was
-        hidden = hidden + sinusoidal_positions(hidden.shape[1], hidden.shape[2], hidden.device)
+        hidden, mask = self.frames(mel, mask)
         hidden = self.encoder(hidden, src_key_padding_mask=~attendable(mask))
         return self.norm(hidden), mask
 
