@@ -43,11 +43,13 @@ def main() -> None:
     args = parser.parse_args()
     root = args.workdir / "data"
     captions = root / "babylm-mm" / "cc_3M_captions.json"
-    if not captions.is_file() or (args.workdir / "rows").read_text() != str(args.rows):
+    # Written once the set is complete: a generation cut short, or one of another size, is made again.
+    generated = args.workdir / "rows"
+    if not generated.is_file() or generated.read_text() != str(args.rows):
         shutil.rmtree(args.workdir, ignore_errors=True)
         started = time.perf_counter()
         write_babylm(root / "babylm-mm", cc3m=args.rows)
-        (args.workdir / "rows").write_text(str(args.rows))
+        generated.write_text(str(args.rows))
         print(f"generated {args.rows:,} rows in {time.perf_counter() - started:.0f} s "
               f"(captions {captions.stat().st_size / 1e6:.0f} MB, features {args.rows * WIDTH * 4 / 1e9:.2f} GB)")
     shards, store = args.workdir / "shards", args.workdir / "features.zarr"

@@ -1,11 +1,12 @@
 """Peak memory and time of `mm validate` and `mm shard` on coco2014 + SpokenCOCO at their real counts.
 
-    python benchmarks/coco_scale.py [--workdir /tmp/trimodal-bench-coco-scale] [--skip-shard]
+    python benchmarks/coco_scale.py [--images 123287] [--workdir /tmp/trimodal-bench-coco-scale] [--skip-shard]
 
 Generates the real layout at the real counts: 82,783 train2014 + 40,504 val2014 images, 616,767
 captions (332 images with a sixth), Karpathy's dataset_coco.json (113,287 / 5,000 / 5,000), and
-SpokenCOCO's two JSON files with 605,000 utterances. Annotation JSON has every field the real files
-have, so it is about as large (the sizes are printed). Image and wav files are hard links to one small
+SpokenCOCO's two JSON files with 605,000 utterances; fewer `--images` scale every count down alike (a
+smoke test). Annotation JSON has every field the real files have, so it is about as large (the sizes are
+printed). Image and wav files are hard links to one small
 jpg and one short wav, so the disk holds the tree cheaply: what is measured is the parsing, joining,
 planning, checking and writing at scale, not decoding large files (benchmarks/shard.py does that).
 Each command runs in its own process under GNU time, which reports its peak RSS. Baseline: the same
@@ -22,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -29,11 +31,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.builders import make_jpeg, make_wav  # noqa: E402
 
 TRAIN2014, VAL2014 = 82_783, 40_504
-RESTVAL, KARPATHY_VAL, KARPATHY_TEST = 30_504, 5_000, 5_000
+KARPATHY_VAL, KARPATHY_TEST = 5_000, 5_000  # the rest of val2014 (30,504) is Karpathy's restval
 SIXTH_CAPTIONS = 332  # 123,287 x 5 + 332 = 616,767
 UTTERANCES = 605_000
 WORDS = ("a man woman dog cat sitting standing on in the of with near table street red blue white large small "
          "two people riding bike train bus plate food pizza kitchen room next to holding").split()
+
+
+@dataclass(frozen=True)
+class Counts:
+    train2014: int
+    val2014: int
+    karpathy_val: int
+    karpathy_test: int
+    sixth_captions: int
+    utterances: int
+
+
+def scaled_counts(images: int) -> Counts:
+    """The real counts when `images` is the real number (123,287), else each one scaled down alike."""
+    def scaled(count: int) -> int:
+        return count * images // (TRAIN2014 + VAL2014)
+
+    train = scaled(TRAIN2014)
+    return Counts(train, images - train, scaled(KARPATHY_VAL), scaled(KARPATHY_TEST), scaled(SIXTH_CAPTIONS),
+                  scaled(UTTERANCES))
 
 
 class Linker:
@@ -51,19 +73,19 @@ class Linker:
         self.count += 1
 
 
-def generate(root: Path) -> dict:
+def generate(root: Path, counts: Counts) -> dict:
     rng = random.Random(0)
     dataset, spoken = root / "coco2014", root / "spokencoco" / "SpokenCOCO"
     image_link, wav_link = Linker(root / "blobs", "image.jpg", make_jpeg(0, (32, 24))), \
         Linker(root / "blobs", "speech.wav", make_wav(0.05))
 
     images, annotation_id = [], 0
-    for folder, count in (("train2014", TRAIN2014), ("val2014", VAL2014)):
+    for folder, count in (("train2014", counts.train2014), ("val2014", counts.val2014)):
         (dataset / folder).mkdir(parents=True)
         for _ in range(count):
             cocoid = len(images) * 3 + 1
             captions = []
-            for _ in range(6 if len(images) < SIXTH_CAPTIONS else 5):
+            for _ in range(6 if len(images) < counts.sixth_captions else 5):
                 annotation_id += rng.randint(1, 9)
                 words = rng.choices(WORDS, k=rng.randint(8, 14))
                 captions.append((annotation_id, " ".join(words).capitalize() + rng.choice((".", " .", "", ". "))))
@@ -89,9 +111,10 @@ def generate(root: Path) -> dict:
 
     val_rows = [i for i, image in enumerate(images) if image[1] == "val2014"]
     split_of = {i: "train" for i, image in enumerate(images) if image[1] == "train2014"}
-    split_of.update({i: "test" for i in val_rows[:KARPATHY_TEST]})
-    split_of.update({i: "val" for i in val_rows[KARPATHY_TEST : KARPATHY_TEST + KARPATHY_VAL]})
-    split_of.update({i: "restval" for i in val_rows[KARPATHY_TEST + KARPATHY_VAL :]})
+    held_out = counts.karpathy_test + counts.karpathy_val
+    split_of.update({i: "test" for i in val_rows[: counts.karpathy_test]})
+    split_of.update({i: "val" for i in val_rows[counts.karpathy_test : held_out]})
+    split_of.update({i: "restval" for i in val_rows[held_out:]})
     order = list(range(len(images)))
     rng.shuffle(order)
     karpathy = {"images": [{"filepath": images[i][1], "sentids": [a for a, _ in images[i][3]], "filename": images[i][2],
@@ -104,7 +127,7 @@ def generate(root: Path) -> dict:
     del karpathy
 
     total_captions = sum(len(image[3]) for image in images)
-    skip = set(rng.sample(range(total_captions), total_captions - UTTERANCES))
+    skip = set(rng.sample(range(total_captions), total_captions - counts.utterances))
     entries = {"train": [], "val": []}
     number = 0
     for cocoid, folder, file_name, captions in images:
@@ -150,14 +173,18 @@ def measured(command: list[str]) -> tuple[float, float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=TRAIN2014 + VAL2014, help="default: the real count")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/trimodal-bench-coco-scale"))
     parser.add_argument("--skip-shard", action="store_true")
     args = parser.parse_args()
     root = args.workdir / "data"
-    if not (root / "coco2014" / "dataset_coco.json").is_file():
+    # Written once the tree is complete: a generation cut short, or one at another size, is made again.
+    generated = args.workdir / "images"
+    if not generated.is_file() or generated.read_text() != str(args.images):
         shutil.rmtree(args.workdir, ignore_errors=True)
         started = time.perf_counter()
-        made = generate(root)
+        made = generate(root, scaled_counts(args.images))
+        generated.write_text(str(args.images))
         print(f"generated {made['images']:,} images, {made['captions']:,} captions, {made['utterances']:,} "
               f"utterances in {time.perf_counter() - started:.0f} s; JSON sizes (MB): "
               + ", ".join(f"{k} {v / 1e6:.0f}" for k, v in made["json_bytes"].items()))

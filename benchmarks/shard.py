@@ -55,7 +55,9 @@ def main() -> None:
     root = args.workdir / "data"
     train = args.images * 8 // 10
     val = (args.images - train) // 2
-    if not (root / args.layout).is_dir():
+    # Written once the tree is complete: a build cut short, or one of another size, is made again.
+    built = args.workdir / "images"
+    if not built.is_file() or built.read_text() != str(args.images):
         shutil.rmtree(args.workdir, ignore_errors=True)
         if args.layout == "flickr8k":
             build_flickr_tree(root, train=train, val=val, test=args.images - train - val, outside=0, quirk=False,
@@ -63,6 +65,7 @@ def main() -> None:
         else:
             build_coco_tree(root, train=train * 3 // 4, restval=train - train * 3 // 4, val=val,
                             test=args.images - train - val, image_size=(640, 480), jpeg_quality=65, wav_seconds=3.3)
+        built.write_text(str(args.images))
     audio = {"flickr8k": "facc", "coco2014": "spokencoco"}[args.layout]
     files = source_files(root)
     megabytes = sum(path.stat().st_size for path in files) / 1e6

@@ -4,8 +4,6 @@ seconds of process start-up, so the families share one launch)."""
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,10 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.launch import mm_torchrun, one_process, ranks_of, succeeded, torchrun, wait_for
+
 from trimodal.training.config import featurize_line, load_config, shipped_config
 from trimodal.training.models import available_models, family_attribute, model_defaults
 
-REPOSITORY = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
 FAMILIES = available_models()
 # Stated tolerances. The first step: the loss to 1e-5 of its value; the whole gradient (every parameter's,
@@ -27,28 +26,6 @@ FAMILIES = available_models()
 # values to one learning rate (Adam turns tiny differences of near-zero gradients into differences of a
 # step's size; measured worst: 1.5e-2 for bitmar, 1e-3 to 9e-3 for the others).
 LOSS_TOLERANCE, GRADIENT_TOLERANCE, TENSOR_TOLERANCE, WEIGHT_TOLERANCE = 1e-5, 1e-3, 2e-2, 2e-2
-
-
-def torchrun(*args, nproc: int = 2, timeout: float = 600, env: dict | None = None, wait: bool = True):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *map(str, args)]
-    environment = {**os.environ, "PYTHONPATH": str(REPOSITORY), **(env or {})}
-    if not wait:
-        return subprocess.Popen(command, cwd=REPOSITORY, env=environment, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    return subprocess.run(command, cwd=REPOSITORY, env=environment, capture_output=True, text=True, timeout=timeout)
-
-
-def mm_torchrun(*args, **kwargs):
-    return torchrun("-m", "trimodal", *args, **kwargs)
-
-
-def one_process(*args, timeout: float = 600):
-    return subprocess.run([sys.executable, *map(str, args)], cwd=REPOSITORY, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPOSITORY)})
-
-
-def _ok(result) -> None:
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +45,8 @@ def family_runs(featurized_mini, mini_shards, tmp_path_factory):
         specs[family] = {"config": str(config), "shards": str(mini_shards), "overrides": overrides,
                          "store": str(featurized_mini(featurize_line(config)))}
     (base / "spec.json").write_text(json.dumps(specs))
-    _ok(one_process(WORKER, "families", base / "spec.json", base / "one"))
-    _ok(torchrun(WORKER, "families", base / "spec.json", base / "two"))
+    succeeded(one_process(WORKER, "families", base / "spec.json", base / "one"))
+    succeeded(torchrun(WORKER, "families", base / "spec.json", base / "two"))
     return base / "one", base / "two"
 
 

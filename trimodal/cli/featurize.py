@@ -57,6 +57,8 @@ def featurize(
     table.add_column("what")
     table.add_column("value", justify="right")
     table.add_row("shards written / already complete", f"{len(summary.shards_written)} / {len(summary.shards_skipped)}")
+    if summary.parts_reused:
+        table.add_row("of them computed by an interrupted run", f"{len(summary.parts_reused)}")
     table.add_row("image rows", f"{summary.rows:,}")
     if summary.config.get("image"):
         table.add_row("image embedding", f"{summary.config['image']['model']} → {summary.config['image']['embed_dim']}-d"

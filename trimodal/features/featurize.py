@@ -4,6 +4,10 @@ Three stages overlap, joined by queues one shard deep: a reader thread reads sha
 decodes and crops its jpgs on the device), this thread computes shard N, and a writer thread writes shard
 N-1 into the store. Shards are written in order, so the mel array grows and `frames_committed` advances
 shard by shard; a failure in any stage stops all three and is raised here, shards already written kept.
+
+Under torchrun each rank computes its own share of the shards that are not done yet (balanced by
+samples), on its own device, into per-shard parts beside the store (`parts.py`); once every rank is
+through, rank 0 writes the parts into the store in shard order, exactly as one process would have.
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trimodal import distributed
 from trimodal.errors import ConfigError, ShardError, TrimodalError
 from trimodal.features.audio import decode_wav, make_audio_extractor
 from trimodal.features.decode import device_pixels
-from trimodal.features.image import make_image_extractor, resolve_device
+from trimodal.features.image import make_image_extractor
 from trimodal.features.overlap import Ahead, Behind
+from trimodal.features.parts import Parts
 from trimodal.features.store import FeatureStore, ShardFeatures, ShardSlot, StaleCacheError, config_differences, plan_layout
 from trimodal.features.text import make_text_extractors
 from trimodal.pipeline.samples import SPLITS
@@ -45,6 +51,9 @@ class FeaturizeOptions:
     batch_size: int = 64
     workers: int = 2
     overwrite: bool = False
+    # Under torchrun: how long a rank that finished its shards waits for the others (a rank that died ends
+    # the job at once; one that stalls, after this).
+    dist_timeout_s: float = 3600.0
 
 
 @dataclass
@@ -53,6 +62,7 @@ class FeaturizeSummary:
     device: str
     shards_written: list[str] = field(default_factory=list)
     shards_skipped: list[str] = field(default_factory=list)
+    parts_reused: list[str] = field(default_factory=list)  # computed by an interrupted distributed run
     rows: int = 0
     captions: int = 0
     utterances: int = 0
@@ -113,56 +123,114 @@ class _ReadShard:
 
 def featurize(shards: Path, store_path: Path, options: FeaturizeOptions = FeaturizeOptions(), *,
               reporter: Reporter = SILENT, stop_after: int | None = None) -> FeaturizeSummary:
-    """Compute the features of every shard of `shards` (or of `options.splits`) into `store_path`.
+    """Compute the features of every shard of `shards` (or of `options.splits`) into `store_path`, in this
+    process or, under torchrun, as one rank of many.
 
-    `stop_after` ends the run after that many shards were written (tests use it to interrupt).
+    `stop_after` ends the run after that many shards were computed (tests use it to interrupt).
     """
     if options.batch_size < 1 or options.workers < 1:
         raise ConfigError("--batch-size and --workers must be at least 1")
-    shards, store_path = Path(shards), Path(store_path)
+    with distributed.session(options.device, timeout_s=options.dist_timeout_s) as dist:
+        return _featurize(Path(shards), Path(store_path), options, dist, reporter if dist.main else SILENT, stop_after)
+
+
+def _featurize(shards: Path, store_path: Path, options: FeaturizeOptions, dist: distributed.Dist, reporter: Reporter,
+               stop_after: int | None) -> FeaturizeSummary:
     index = read_index(shards)
     splits = _choose_splits(index, options.splits)
-    device = resolve_device(options.device)
-    extractors = _Extractors(options, index, shards, device)
+    extractors = _Extractors(options, index, shards, dist.device)
     config = {**extractors.config(), "splits": splits}
     fingerprint = index_fingerprint(index, splits)
 
-    try:
-        store = _open_or_create(store_path, shards, index, splits, config, fingerprint, extractors, options.overwrite)
-    except OSError as error:  # a full disk or an unwritable path: nothing was complete, so nothing is kept
-        shutil.rmtree(store_path, ignore_errors=True)
-        raise TrimodalError(f"cannot create the feature store {store_path}: {error.strerror or error}") from error
-    summary = FeaturizeSummary(store_path, str(device), random_init=bool(extractors.image and extractors.image.random_init),
+    def open_store() -> None:
+        try:
+            _open_or_create(store_path, shards, index, splits, config, fingerprint, extractors, options.overwrite)
+        except OSError as error:  # a full disk or an unwritable path: nothing was complete, so nothing is kept
+            shutil.rmtree(store_path, ignore_errors=True)
+            raise TrimodalError(f"cannot create the feature store {store_path}: {error.strerror or error}") from error
+
+    distributed.on_main(open_store, "opening the feature store")
+    store = FeatureStore.open(store_path, mode="a" if dist.main else "r")
+    summary = FeaturizeSummary(store_path, str(dist.device), random_init=bool(extractors.image and extractors.image.random_init),
                                random_towers=extractors.random_towers(), config=config)
     slots = list(store.slots.values())
     summary.shards_skipped = [slot.name for slot in slots if slot.done]
-    todo = [slot for slot in slots if not slot.done][:stop_after]
+    todo = [slot for slot in slots if not slot.done]
     entries = {s["name"]: s for split in splits for s in index["splits"][split]["shards"]}
+    parts = Parts(store_path)
+    if dist.enabled:
+        summary.parts_reused = [slot.name for slot in todo if parts.complete(slot.name)]
+        mine = [slot for slot in _deal(todo, dist.rank, dist.world_size) if slot.name not in summary.parts_reused]
 
-    def read(slot: ShardSlot) -> _ReadShard:
-        return _read_shard(shards / slot.name, entries[slot.name], extractors)
+        def keep(slot: ShardSlot, features: ShardFeatures) -> None:
+            parts.write(slot.name, features)
+    else:
+        mine = todo
 
-    def write(job: tuple[ShardSlot, ShardFeatures]) -> None:
-        slot, features = job
-        try:
-            store.write_shard(slot, features)
-        except OSError as error:
-            # The slot is marked complete only after its arrays, so a rerun redoes just this shard.
-            raise TrimodalError(f"cannot write {slot.name}'s features into {store_path}: "
-                                f"{error.strerror or error}; shards already written are kept, run the same "
-                                "command again to continue") from error
-        summary.shards_written.append(slot.name)
+        def keep(slot: ShardSlot, features: ShardFeatures) -> None:
+            _write_into(store, store_path, slot, features)
 
-    with reporter.task("featurize", total=sum(s.rows[1] - s.rows[0] for s in slots), unit="samples") as task, \
-            ThreadPoolExecutor(options.workers) as pool:
-        task.advance(sum(s.rows[1] - s.rows[0] for s in slots if s.done))
-        with Ahead(todo, read, name="featurize-reader") as reader, Behind(write, name="featurize-writer") as writer:
-            for slot, shard in zip(todo, reader):
-                writer.submit((slot, _featurize_shard(shard, extractors, options.batch_size, pool, task.advance)))
+    _compute(shards, mine[:stop_after], entries, extractors, options, reporter, keep,
+             done=sum(s.rows[1] - s.rows[0] for s in slots) - sum(s.rows[1] - s.rows[0] for s in mine),
+             total=sum(s.rows[1] - s.rows[0] for s in slots))
+    summary.shards_written = [slot.name for slot in mine[:stop_after]]
+    if dist.enabled:
+        if stop_after is not None:
+            return summary
+        distributed.barrier("waiting for the other ranks to compute their shards")
+        if not dist.main:
+            return summary
+        summary.shards_written = _assemble(store, store_path, todo, parts, reporter)
     counts = store.group.attrs["counts"]
     summary.rows, summary.captions, summary.utterances = counts["rows"], counts["captions"], counts["utterances"]
     summary.frames = int(store.group.attrs["frames_committed"])
     return summary
+
+
+def _deal(slots: list[ShardSlot], rank: int, world_size: int) -> list[ShardSlot]:
+    """Rank `rank`'s share of `slots`: the largest first, each to the rank with the fewest samples so far
+    (the same answer on every rank); kept in shard order."""
+    load, owner = [0] * world_size, {}
+    for slot in sorted(slots, key=lambda s: (-(s.rows[1] - s.rows[0]), s.name)):
+        chosen = min(range(world_size), key=lambda r: (load[r], r))
+        owner[slot.name] = chosen
+        load[chosen] += slot.rows[1] - slot.rows[0]
+    return [slot for slot in slots if owner[slot.name] == rank]
+
+
+def _write_into(store: FeatureStore, store_path: Path, slot: ShardSlot, features: ShardFeatures) -> None:
+    try:
+        store.write_shard(slot, features)
+    except OSError as error:
+        # The slot is marked complete only after its arrays, so a rerun redoes just this shard.
+        raise TrimodalError(f"cannot write {slot.name}'s features into {store_path}: {error.strerror or error}; "
+                            "shards already written are kept, run the same command again to continue") from error
+
+
+def _assemble(store: FeatureStore, store_path: Path, slots: list[ShardSlot], parts: Parts, reporter: Reporter) -> list[str]:
+    """Rank 0, after every rank finished: the parts into the store, in shard order."""
+    with reporter.task("assemble the ranks' parts", total=len(slots), unit="shards") as task:
+        for slot in slots:
+            _write_into(store, store_path, slot, parts.read(slot.name))
+            parts.remove(slot.name)
+            task.advance()
+    parts.finish()
+    return [slot.name for slot in slots]
+
+
+def _compute(shards: Path, slots: list[ShardSlot], entries: dict, extractors: "_Extractors", options: FeaturizeOptions,
+             reporter: Reporter, keep, *, done: int, total: int) -> None:
+    """The overlapped pipeline over `slots`: read ahead, compute here, `keep(slot, features)` behind."""
+
+    def read(slot: ShardSlot) -> _ReadShard:
+        return _read_shard(shards / slot.name, entries[slot.name], extractors)
+
+    with reporter.task("featurize", total=total, unit="samples") as task, ThreadPoolExecutor(options.workers) as pool:
+        task.advance(done)
+        with Ahead(slots, read, name="featurize-reader") as reader, \
+                Behind(lambda job: keep(*job), name="featurize-writer") as writer:
+            for slot, shard in zip(slots, reader):
+                writer.submit((slot, _featurize_shard(shard, extractors, options.batch_size, pool, task.advance)))
 
 
 def _choose_splits(index: dict, wanted: tuple[str, ...] | None) -> list[str]:

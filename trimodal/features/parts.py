@@ -1,0 +1,64 @@
+"""Per-shard parts of a distributed `mm featurize`: each rank writes the features of its own shards into
+`<store>.parts/<shard>/` (one `.npy` per array), and rank 0 then writes them into the store in shard order
+with the same `FeatureStore.write_shard` one process uses. So no two ranks ever write into the same zarr
+chunk (the store's chunks do not follow shard boundaries, and its frame array grows shard by shard), and
+the assembled store is identical to the one a single process writes.
+
+A part is complete once its folder has its final name (it is written as `<shard>.tmp/` and renamed), so a
+killed rank leaves complete parts and nothing that looks like one; a rerun computes only the shards
+that have neither a complete part nor a complete slot in the store.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+
+from trimodal.errors import TrimodalError
+from trimodal.features.store import ShardFeatures, decode_keys, encode_keys
+
+
+class Parts:
+    """The `<store>.parts/` folder beside a store."""
+
+    def __init__(self, store: Path):
+        self.folder = Path(str(Path(store)).rstrip("/") + ".parts")
+
+    def complete(self, shard: str) -> bool:
+        return (self.folder / shard).is_dir()
+
+    def write(self, shard: str, features: ShardFeatures) -> None:
+        temporary, final = self.folder / f"{shard}.tmp", self.folder / shard
+        try:
+            shutil.rmtree(temporary, ignore_errors=True)
+            temporary.mkdir(parents=True)
+            np.save(temporary / "keys.npy", encode_keys(features.keys))
+            for field in fields(ShardFeatures):
+                value = getattr(features, field.name)
+                if field.name != "keys" and value is not None:
+                    np.save(temporary / f"{field.name}.npy", np.asarray(value))
+            os.replace(temporary, final)
+        except OSError as error:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise TrimodalError(f"cannot write the features of {shard} into {self.folder}: {error.strerror or error}; "
+                                "parts already written are kept, run the same command again to continue") from error
+
+    def read(self, shard: str) -> ShardFeatures:
+        folder = self.folder / shard
+        try:
+            arrays = {path.stem: np.load(path, allow_pickle=False) for path in folder.glob("*.npy")}
+        except (OSError, ValueError) as error:
+            raise TrimodalError(f"cannot read the part {folder}: {error}; delete it and run the command again") from error
+        keys = decode_keys(arrays.pop("keys"))
+        return ShardFeatures(keys=keys, **arrays)
+
+    def remove(self, shard: str) -> None:
+        shutil.rmtree(self.folder / shard, ignore_errors=True)
+
+    def finish(self) -> None:
+        """Remove the folder once every part went into the store."""
+        shutil.rmtree(self.folder, ignore_errors=True)
