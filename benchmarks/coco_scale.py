@@ -6,9 +6,9 @@ Generates the real layout at the real counts: 82,783 train2014 + 40,504 val2014 
 captions (332 images with a sixth), Karpathy's dataset_coco.json (113,287 / 5,000 / 5,000), and
 SpokenCOCO's two JSON files with 605,000 utterances; fewer `--images` scale every count down alike (a
 smoke test). Annotation JSON has every field the real files have, so it is about as large (the sizes are
-printed). Image and wav files are hard links to one small
-jpg and one short wav, so the disk holds the tree cheaply: what is measured is the parsing, joining,
-planning, checking and writing at scale, not decoding large files (benchmarks/shard.py does that).
+printed). Image and wav files are hard links to one small jpg and one short wav, so the disk holds the
+tree cheaply: what is measured is the parsing, joining, planning, checking and writing at scale, not
+decoding large files (benchmarks/shard.py does that).
 Each command runs in its own process under GNU time, which reports its peak RSS. Baseline: the same
 process importing trimodal and doing nothing else.
 """

@@ -60,3 +60,11 @@ def wait_for(condition, timeout: float, what: str) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (reaped, or a zombie its parent has not reaped yet)."""
+    try:
+        return "\tZ" in Path(f"/proc/{pid}/status").read_text().split("State:")[1].splitlines()[0]
+    except (FileNotFoundError, IndexError):
+        return True

@@ -14,13 +14,15 @@ or stalls ends the others with a `DistributedError` instead of a wait forever.
 from __future__ import annotations
 
 import os
+import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 
-import torch
-
 from trimodal.errors import ConfigError, TrimodalError
+
+# torch is imported inside the functions that need it: the CLI reads the launch environment (which rank
+# prints) before every command, and commands that never touch torch should not pay for its import.
 
 BACKENDS = ("auto", "nccl", "gloo")
 DEFAULT_TIMEOUT_S = 600.0
@@ -50,10 +52,16 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    device: object = None  # torch.device; the CPU when not given
     backend: str | None = None
     timeout_s: float = DEFAULT_TIMEOUT_S
     launcher: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.device is None:
+            import torch
+
+            self.device = torch.device("cpu")
 
     @property
     def enabled(self) -> bool:
@@ -112,6 +120,8 @@ def launch_environment(environ=None) -> Launch:
 
 
 def _device_for(launch: Launch, device: str) -> torch.device:
+    import torch
+
     if device not in ("auto", "cpu") and not device.startswith("cuda"):
         raise ConfigError(f"device must be auto, cpu or cuda (got {device!r})")
     cuda = device != "cpu" and torch.cuda.is_available()
@@ -129,6 +139,8 @@ def _device_for(launch: Launch, device: str) -> torch.device:
 
 
 def _backend_for(backend: str, device: torch.device) -> str:
+    import torch
+
     if backend not in BACKENDS:
         raise ConfigError(f"the distributed backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
     chosen = backend if backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
@@ -144,6 +156,8 @@ def start(device: str = "auto", *, backend: str = "auto", timeout_s: float = DEF
           environ=None) -> Dist:
     """This process's place and device; with a world of several, the process group (joined here, at most
     `timeout_s` waiting for the others). An existing group (an outer caller's) is used as it is."""
+    import torch
+
     if timeout_s <= 0:
         raise ConfigError(f"the distributed timeout must be positive (got {timeout_s})")
     launch = launch_environment(environ)
@@ -195,6 +209,8 @@ def _host(address: str) -> str:
 
 def finish(dist: Dist) -> None:
     """Leave the process group (after the last collective)."""
+    import torch
+
     if dist.enabled and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
@@ -202,6 +218,8 @@ def finish(dist: Dist) -> None:
 @contextmanager
 def session(device: str = "auto", *, backend: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S):
     """`start`, then `finish` when the block ends, also on an error (the group does not outlive the work)."""
+    import torch
+
     owned = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     dist = start(device, backend=backend, timeout_s=timeout_s)
     try:
@@ -220,12 +238,16 @@ def _first_line(error: BaseException) -> str:
 
 def position() -> tuple[int, int]:
     """(rank, world size) of the process group this process is in; (0, 1) without one."""
+    import torch
+
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
 
 
 def _active() -> bool:
+    import torch
+
     return torch.distributed.is_available() and torch.distributed.is_initialized() and \
         torch.distributed.get_world_size() > 1
 
@@ -234,6 +256,8 @@ def _active() -> bool:
 def collective(what: str):
     """Turns a failed collective (a peer gone: connection closed, or no answer within the timeout) into
     one `DistributedError` that says which rank saw it and what it was doing."""
+    import torch
+
     try:
         yield
     except DistributedError:
@@ -249,6 +273,8 @@ def collective(what: str):
 def on_main(work, what: str = "rank 0's work"):
     """`work()` on rank 0 only; its result, or the `TrimodalError` it raised, on every rank (so that a full
     disk on rank 0 stops every rank with the same message instead of leaving them waiting)."""
+    import torch
+
     if not _active():
         return work()
     outcome = None
@@ -272,17 +298,23 @@ def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     the backward pass sums each rank's gradient of its copy back into the rank that owns the rows (as
     open_clip's `gather_with_grad`), so a loss computed identically on every rank from the gathered rows,
     with DDP's gradient mean, gives the gradients of one process holding the whole batch."""
+    import torch
+
     if not _active():
         return tensor
     import torch.distributed.nn.functional as distributed_nn
 
-    with collective("gathering a batch's rows"):
+    with collective("gathering a batch's rows"), warnings.catch_warnings():
+        # Deprecated in favour of a private module (torch.distributed._functional_collectives); still the
+        # public differentiable all-gather.
+        warnings.simplefilter("ignore", FutureWarning)
         return torch.cat(distributed_nn.all_gather(tensor.contiguous()), dim=0)
 
 
-@torch.no_grad()
 def gather_rows_detached(tensor: torch.Tensor) -> torch.Tensor:
     """As `gather_rows`, without gradients (masks, keys' lengths, evaluation latents)."""
+    import torch
+
     if not _active():
         return tensor
     parts = [torch.empty_like(tensor) for _ in range(torch.distributed.get_world_size())]
@@ -291,20 +323,10 @@ def gather_rows_detached(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-def gather_uneven(tensor: torch.Tensor) -> torch.Tensor:
-    """Every rank's `tensor` concatenated along dim 0 in rank order, whatever each rank's row count."""
-    if not _active():
-        return tensor
-    counts = all_gather_object(int(tensor.shape[0]))
-    longest = max(counts)
-    padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-    padded[: tensor.shape[0]] = tensor
-    gathered = gather_rows_detached(padded)
-    return torch.cat([gathered[r * longest : r * longest + count] for r, count in enumerate(counts)])
-
-
 def all_gather_object(value) -> list:
     """Every rank's picklable `value`, in rank order."""
+    import torch
+
     if not _active():
         return [value]
     values = [None] * torch.distributed.get_world_size()
@@ -315,6 +337,8 @@ def all_gather_object(value) -> list:
 
 def broadcast_object(value, source: int = 0):
     """Rank `source`'s picklable `value`, on every rank."""
+    import torch
+
     if not _active():
         return value
     box = [value]
@@ -325,6 +349,8 @@ def broadcast_object(value, source: int = 0):
 
 def broadcast_tensors(tensors, source: int = 0) -> None:
     """Overwrite each tensor with rank `source`'s values, in place."""
+    import torch
+
     if not _active():
         return
     with collective("receiving rank 0's values"):
@@ -332,14 +358,9 @@ def broadcast_tensors(tensors, source: int = 0) -> None:
             torch.distributed.broadcast(tensor.data, src=source)
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank when `flag` is true on any."""
-    if not _active():
-        return flag
-    return any(all_gather_object(bool(flag)))
-
-
 def barrier(what: str = "waiting for the other ranks") -> None:
+    import torch
+
     if not _active():
         return
     with collective(what):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.launch import mm_torchrun, one_process, ranks_of, succeeded, torchrun, wait_for
+from tests.launch import gone, mm_torchrun, one_process, ranks_of, succeeded, torchrun, wait_for
 
 from trimodal.training.config import featurize_line, load_config, shipped_config
 from trimodal.training.models import available_models, family_attribute, model_defaults
@@ -76,3 +76,163 @@ def test_a_short_run_on_two_ranks_ends_close_to_one_process(family, family_runs)
                     or float(difference.abs().max()) <= lr), (family, name)
     resolved = (family_runs[1] / family / "run" / "config.resolved.toml").read_text()
     assert "world_size = 2" in resolved and "batch_per_rank = 16" in resolved and "batch_size = 32" in resolved
+
+
+def _shard_set(mini_root, folder: Path, max_samples: int) -> tuple[Path, Path]:
+    """The mini dataset cut into shards of `max_samples`, featurized with a small image tower and no audio."""
+    from trimodal.features.featurize import FeaturizeOptions, featurize
+    from trimodal.pipeline.shard import ShardOptions, shard_dataset
+
+    shard_dataset("mini", mini_root, folder / "shards", ShardOptions(max_samples=max_samples, workers=2))
+    featurize(folder / "shards", folder / "f.zarr", FeaturizeOptions(device="cpu", image="open_clip:ViT-S-32", audio=None))
+    return folder / "shards", folder / "f.zarr"
+
+
+@pytest.fixture(scope="module")
+def three_shards(mini_root, tmp_path_factory):
+    """Training split in 3 shards (70, 70, 60 samples)."""
+    return _shard_set(mini_root, tmp_path_factory.mktemp("three-shards"), 70)
+
+
+@pytest.fixture(scope="module")
+def five_shards(mini_root, tmp_path_factory):
+    """Training split in 5 shards of 40."""
+    return _shard_set(mini_root, tmp_path_factory.mktemp("five-shards"), 40)
+
+
+QUICK = ["train.modalities=[\"image\", \"text\"]", "train.batch_size=24", "train.warmup_steps=2", "model.layers=1",
+         "model.model_dim=64", "model.latent_dim=32", "model.dropout=0.0", "train.log_every=1"]
+
+
+def _run_spec(folder: Path, shards: Path, store: Path, out: Path, overrides: list[str], **more) -> Path:
+    spec = folder / f"{out.name}-{len(list(folder.glob('*.json')))}.json"
+    spec.write_text(json.dumps({"config": str(shipped_config("mmn-tiny")), "shards": str(shards), "store": str(store),
+                                "out": str(out), "overrides": overrides, **more}))
+    return spec
+
+
+def test_five_shards_on_two_ranks_with_two_workers_take_equal_steps_and_eval_matches_one_process(five_shards, tmp_path):
+    from trimodal.training.eval_run import evaluate_run
+
+    shards, store = five_shards
+    run = tmp_path / "run"
+    result = mm_torchrun("train", shipped_config("mmn-tiny"), "--shards", shards, "--features", store, "--out", run,
+                         *QUICK, "train.epochs=2", "train.num_workers=2", "train.dist_timeout_s=120")
+    succeeded(result)
+    assert "24 samples a step (2 ranks × 12); 8 steps an epoch, 8 training samples in no batch" in result.stdout
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["type"] == "val"] == [8, 16]
+    two = mm_torchrun("eval", run, "--split", "test", "--device", "cpu")
+    succeeded(two)
+    assert two.stdout.count("image->text") == 1  # rank 0 alone prints
+    distributed = json.loads((run / "eval-test.json").read_text())
+    alone = evaluate_run(run, split="test", device="cpu")
+    assert distributed["directions"] == alone["directions"]
+
+
+def test_a_two_rank_run_resumes_on_one_process_with_the_same_global_order(three_shards, tmp_path):
+    from trimodal.training.trainer import train
+
+    shards, store = three_shards
+    overrides = QUICK + ["train.epochs=2", "train.num_workers=0", "train.data_streams=2"]
+    run = tmp_path / "two-then-one"
+    succeeded(torchrun(WORKER, "train", _run_spec(tmp_path, shards, store, run, overrides, stop_after_epoch=0)))
+    resumed = train(shipped_config("mmn-tiny"), shards, store, run, overrides=overrides, resume=True)
+    assert resumed.world_size == 1 and resumed.epochs_run == 1
+    straight = tmp_path / "one"
+    train(shipped_config("mmn-tiny"), shards, store, straight, overrides=overrides)
+    a = load_file(str(straight / "checkpoints" / "last.safetensors"))
+    b = load_file(str(run / "checkpoints" / "last.safetensors"))
+    for name, weights in a.items():
+        difference = weights.float() - b[name].float()
+        assert (float(difference.norm()) <= WEIGHT_TOLERANCE * float(weights.float().norm())
+                or float(difference.abs().max()) <= 5e-4), name
+
+
+def test_a_one_process_run_resumes_on_two_ranks(three_shards, tmp_path):
+    from trimodal.training.trainer import train
+
+    shards, store = three_shards
+    overrides = QUICK + ["train.epochs=2", "train.num_workers=0"]
+    run = tmp_path / "one-then-two"
+    train(shipped_config("mmn-tiny"), shards, store, run, overrides=overrides, stop_after_epoch=0)
+    result = mm_torchrun("train", shipped_config("mmn-tiny"), "--shards", shards, "--features", store, "--out", run,
+                         "--resume", *overrides)
+    succeeded(result)
+    assert "ranks cannot share" in result.stderr and "reads 2" in result.stderr  # the data streams change, said once
+    state = torch.load(run / "checkpoints" / "last.state.pt", weights_only=True)
+    assert state["epoch"] == 1 and state["world_size"] == 2 and state["data_streams"] == 2
+
+
+def test_a_killed_rank_ends_the_job_with_an_error_in_bounded_time(mini_shards, mini_features, tmp_path):
+    run = tmp_path / "run"
+    launcher = mm_torchrun("train", shipped_config("mmn-tiny"), "--shards", mini_shards, "--features", mini_features,
+                           "--out", run, "train.epochs=50", "train.num_workers=1", "train.dist_timeout_s=60", wait=False)
+    ranks = ranks_of(launcher)
+    wait_for(lambda: (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").stat().st_size > 0, 180,
+             "the first training records")
+    killed = time.monotonic()
+    os.kill(ranks[1], signal.SIGKILL)
+    output, _ = launcher.communicate(timeout=120)
+    assert launcher.returncode != 0
+    assert time.monotonic() - killed < 60, "the job outlived its timeout"
+    assert "Signal 9" in output or "SIGKILL" in output
+
+
+def test_a_stalled_rank_ends_the_job_after_the_timeout_with_one_clear_line(mini_shards, mini_features, tmp_path):
+    run = tmp_path / "run"
+    launcher = mm_torchrun("train", shipped_config("mmn-tiny"), "--shards", mini_shards, "--features", mini_features,
+                           "--out", run, "train.epochs=50", "train.num_workers=0", "train.dist_timeout_s=10", wait=False)
+    ranks = ranks_of(launcher)
+    wait_for(lambda: (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").stat().st_size > 0, 180,
+             "the first training records")
+    stalled = time.monotonic()
+    os.kill(ranks[1], signal.SIGSTOP)
+    try:
+        wait_for(lambda: gone(ranks[0]), 60, "rank 0 to give up on the stalled rank")
+        gave_up = time.monotonic() - stalled
+    finally:
+        os.kill(ranks[1], signal.SIGCONT)  # so that torchrun's SIGTERM reaches it
+    output, _ = launcher.communicate(timeout=120)
+    assert launcher.returncode != 0
+    assert 10 <= gave_up < 40  # train.dist_timeout_s=10, plus the step it was in
+    assert "rank 0: error: rank 0: " not in output
+    assert "another rank died, stalled or stopped" in output
+
+
+def _launched(monkeypatch, **variables) -> None:
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                 "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, str(value))
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("variables, overrides, message", [
+    ({"RANK": 0, "WORLD_SIZE": 2, "LOCAL_RANK": 3, "LOCAL_WORLD_SIZE": 2}, [],
+     "error: LOCAL_RANK 3 does not fit the 2 processes of this node"),
+    ({"RANK": 0, "WORLD_SIZE": 2}, [], "error: MASTER_ADDR and MASTER_PORT not set: torchrun sets them"),
+    ({"RANK": 0, "WORLD_SIZE": 2, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": 1}, ['train.dist_backend="nccl"'],
+     "error: the nccl backend needs CUDA devices; this rank runs on the CPU (use gloo)"),
+    ({"RANK": 1, "WORLD_SIZE": 2, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "closed"}, ["train.dist_timeout_s=3"],
+     "rank 1: error: rank 1 could not join the process group at 127.0.0.1:"),
+], ids=["local-rank", "no-rendezvous", "backend", "unreachable-rendezvous"])
+def test_a_bad_launch_is_one_clear_line(variables, overrides, message, mm, monkeypatch, mini_shards, mini_features,
+                                        tmp_path):
+    if variables.get("MASTER_PORT") == "closed":
+        variables = {**variables, "MASTER_PORT": _closed_port()}
+    _launched(monkeypatch, **variables)
+    started = time.monotonic()
+    result = mm("train", shipped_config("mmn-tiny"), "--shards", mini_shards, "--features", mini_features,
+                "--out", tmp_path / "run", "train.device=\"cpu\"", *overrides)
+    assert result.exit_code == 1 and message in result.err, result.err
+    assert len(result.err.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert time.monotonic() - started < 60 and not (tmp_path / "run").exists()
