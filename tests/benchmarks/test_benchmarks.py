@@ -1,4 +1,4 @@
-"""Every script in benchmarks/ (but train.py) still runs to its result, at a tiny size: a smoke test, not a timing."""
+"""Every script in benchmarks/ still runs to its result, at a tiny size: a smoke test, not a timing."""
 
 import re
 import subprocess
@@ -69,3 +69,11 @@ def test_cc3m_download_benchmark_downloads_retries_and_finds_the_rerun_complete(
                 output)
     assert_line(rf"^mm download cc3m --retry-failed \(all but the 404s fixed\): {NUMBER} s, {NUMBER} URLs/s$", output)
     assert_line(r"^rerun of the complete download: .*already complete: True$", output)
+
+
+def test_train_benchmark_prints_its_ratio_and_the_scaling_over_two_ranks(mini_shards, mini_features):
+    output = run_benchmark("train", "--config", "configs/mmn-tiny.toml", "--shards", mini_shards, "--features",
+                           mini_features, "--epochs", 1, "--steps", 2, "--nproc", 2, "--device", "cpu",
+                           "train.num_workers=0", "train.max_steps=2")
+    assert_line(rf"^train: {NUMBER} steps/s vs model-only {NUMBER} steps/s, ratio {NUMBER}$", output)
+    assert_line(rf"^ranks: 1 rank {NUMBER} samples/s, 2 ranks {NUMBER} samples/s, scaling efficiency {NUMBER}$", output)

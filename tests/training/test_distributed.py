@@ -236,3 +236,28 @@ def test_a_bad_launch_is_one_clear_line(variables, overrides, message, mm, monke
     assert result.exit_code == 1 and message in result.err, result.err
     assert len(result.err.strip().splitlines()) == 1 and "Traceback" not in result.output
     assert time.monotonic() - started < 60 and not (tmp_path / "run").exists()
+
+
+def test_two_processes_started_as_srun_starts_them_train_together(three_shards, tmp_path):
+    """srun starts every task itself and sets SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID; the batch script
+    exports MASTER_ADDR and MASTER_PORT. No torchrun involved."""
+    import subprocess
+    import sys
+
+    from tests.launch import REPOSITORY
+
+    shards, store = three_shards
+    port = _closed_port()
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    tasks = [subprocess.Popen([sys.executable, "-m", "trimodal", "train", str(shipped_config("mmn-tiny")), "--shards",
+                               str(shards), "--features", str(store), "--out", str(tmp_path / "run"), *QUICK,
+                               "train.epochs=1", "train.num_workers=0", "train.dist_timeout_s=60"],
+                              cwd=REPOSITORY, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**base, "PYTHONPATH": str(REPOSITORY), "SLURM_PROCID": str(task), "SLURM_NTASKS": "2",
+                                   "SLURM_LOCALID": str(task), "SLURM_NTASKS_PER_NODE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+             for task in range(2)]
+    outputs = [task.communicate(timeout=300)[0] for task in tasks]
+    assert [task.returncode for task in tasks] == [0, 0], outputs
+    assert "(2 ranks × 12)" in outputs[0] and outputs[1].strip() == ""  # task 1 prints nothing
+    assert "world_size = 2" in (tmp_path / "run" / "config.resolved.toml").read_text()
