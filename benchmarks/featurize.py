@@ -29,7 +29,8 @@ import torch  # noqa: E402
 
 from trimodal.features.audio import MelExtractor, decode_wav  # noqa: E402
 from trimodal.features.featurize import FeaturizeOptions, featurize  # noqa: E402
-from trimodal.features.image import make_image_extractor, resolve_device  # noqa: E402
+from trimodal.distributed import resolve_device  # noqa: E402
+from trimodal.features.image import make_image_extractor  # noqa: E402
 from trimodal.pipeline.stream import iter_samples  # noqa: E402
 
 

@@ -41,10 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from trimodal.features.image import resolve_device  # noqa: E402
+from trimodal.distributed import resolve_device  # noqa: E402
 from trimodal.training.config import load_config  # noqa: E402
 from trimodal.training.data import TrimodalDataset, open_sources  # noqa: E402
-from trimodal.training.trainer import StepLoss, build_from_config, max_audio_frames, train  # noqa: E402
+from trimodal.training.trainer import (StepLoss, build_from_config, enter_stage, max_audio_frames,  # noqa: E402
+                                       stage_weights, train)
 
 
 def full_path(config: Path, shards: Path, features: Path, epochs: int, overrides: list[str]) -> dict:
@@ -88,9 +89,7 @@ def model_only(config: Path, shards: Path, features: Path, steps: int, overrides
     batch = next(iter(dataset))
     raw = RawTowers(store.config, shards, batch, device) if towers else None
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-    stage = settings.stage_at(0)
-    model.set_stage(tuple(stage["losses"]) if stage else model.default_losses)
-    weights = stage.get("weights", {}) if stage else settings.loss_weights
+    weights = stage_weights(settings, enter_stage(model, settings, 0))
     optimization = model.make_optimization(settings, total_steps=10 * steps)
     step_loss = StepLoss(model, settings.modalities, settings.amp)
 

@@ -42,7 +42,6 @@ class Launch:
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
-    launcher: str = "none"  # torchrun, srun or none
 
 
 @dataclass
@@ -54,8 +53,6 @@ class Dist:
     local_rank: int = 0
     device: object = None  # torch.device; the CPU when not given
     backend: str | None = None
-    timeout_s: float = DEFAULT_TIMEOUT_S
-    launcher: str = "none"
 
     def __post_init__(self) -> None:
         if self.device is None:
@@ -71,11 +68,6 @@ class Dist:
     def main(self) -> bool:
         """Rank 0: the one process that writes run files and prints."""
         return self.rank == 0
-
-    def describe(self) -> str:
-        if not self.enabled:
-            return f"1 process on {self.device}"
-        return f"{self.world_size} ranks ({self.backend}, launched by {self.launcher}); this is rank {self.rank} on {self.device}"
 
 
 def _integer(name: str, value: str | None, default: int | None = None) -> int:
@@ -93,44 +85,52 @@ def _integer(name: str, value: str | None, default: int | None = None) -> int:
 
 
 def launch_environment(environ=None) -> Launch:
-    """The rank layout torchrun (RANK, WORLD_SIZE, LOCAL_RANK) or srun (SLURM_PROCID, SLURM_NTASKS,
-    SLURM_LOCALID) set; a single process when neither did. torchrun's variables win over SLURM's."""
+    """The rank layout torchrun (RANK, WORLD_SIZE, LOCAL_RANK) or srun (SLURM_PROCID, SLURM_STEP_NUM_TASKS,
+    SLURM_LOCALID) set; a single process when neither did. torchrun's variables win over SLURM's. Only a job
+    step that srun started counts: the batch script itself also sees SLURM_PROCID=0 and the allocation's
+    SLURM_NTASKS, and is one process."""
     env = os.environ if environ is None else environ
     if "WORLD_SIZE" in env or "RANK" in env:
         world = _integer("WORLD_SIZE", env.get("WORLD_SIZE"))
         rank = _integer("RANK", env.get("RANK"))
         local = _integer("LOCAL_RANK", env.get("LOCAL_RANK"), 0)
         local_world = _integer("LOCAL_WORLD_SIZE", env.get("LOCAL_WORLD_SIZE"), max(1, local + 1))
-        launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in env else "environment"
-    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1") or 1) > 1:
-        world = _integer("SLURM_NTASKS", env.get("SLURM_NTASKS"))
+    elif "SLURM_PROCID" in env and _integer("SLURM_STEP_NUM_TASKS", env.get("SLURM_STEP_NUM_TASKS"), 1) > 1:
+        world = _integer("SLURM_STEP_NUM_TASKS", env.get("SLURM_STEP_NUM_TASKS"))
         rank = _integer("SLURM_PROCID", env.get("SLURM_PROCID"))
         local = _integer("SLURM_LOCALID", env.get("SLURM_LOCALID"), 0)
-        local_world = _integer("SLURM_NTASKS_PER_NODE", (env.get("SLURM_NTASKS_PER_NODE") or "").split("(")[0] or None,
-                               max(1, local + 1))
-        launcher = "srun"
+        per_node = (env.get("SLURM_STEP_TASKS_PER_NODE") or "").split("(")[0].split(",")[0] or None
+        local_world = _integer("SLURM_STEP_TASKS_PER_NODE", per_node, max(1, local + 1))
     else:
         return Launch()
     if world < 1 or rank >= world:
         raise DistributedError(f"rank {rank} does not fit a world of {world} processes (RANK/WORLD_SIZE or "
-                               "SLURM_PROCID/SLURM_NTASKS)")
+                               "SLURM_PROCID/SLURM_STEP_NUM_TASKS)")
     if local >= local_world:
         raise DistributedError(f"LOCAL_RANK {local} does not fit the {local_world} processes of this node")
-    return Launch(rank, world, local, local_world, launcher)
+    return Launch(rank, world, local, local_world)
 
 
-def _device_for(launch: Launch, device: str) -> torch.device:
+def resolve_device(device: str):
+    """The torch.device of a --device / train.device setting: auto (CUDA when present), cpu or cuda[:N]."""
     import torch
 
-    if device not in ("auto", "cpu") and not device.startswith("cuda"):
-        raise ConfigError(f"device must be auto, cpu or cuda (got {device!r})")
-    cuda = device != "cpu" and torch.cuda.is_available()
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("device cuda was asked for but no CUDA device is available")
-    if not cuda:
-        return torch.device("cpu")
-    if launch.world_size == 1:
-        return torch.device(device if device.startswith("cuda") else "cuda")
+        raise ConfigError("--device cuda was asked for but no CUDA device is available")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ConfigError(f"--device must be auto, cpu or cuda (got {device!r})")
+    return torch.device(device)
+
+
+def _device_for(launch: Launch, device: str):
+    """`resolve_device`, and with several ranks on CUDA the GPU of this rank's LOCAL_RANK."""
+    import torch
+
+    chosen = resolve_device(device)
+    if chosen.type != "cuda" or launch.world_size == 1:
+        return chosen
     count = torch.cuda.device_count()
     if launch.local_rank >= count:
         raise DistributedError(f"LOCAL_RANK {launch.local_rank} has no GPU: this node has {count} "
@@ -158,12 +158,10 @@ def start(device: str = "auto", *, backend: str = "auto", timeout_s: float = DEF
     `timeout_s` waiting for the others). An existing group (an outer caller's) is used as it is."""
     import torch
 
-    if timeout_s <= 0:
-        raise ConfigError(f"the distributed timeout must be positive (got {timeout_s})")
     launch = launch_environment(environ)
     chosen_device = _device_for(launch, device)
     if launch.world_size == 1:
-        return Dist(device=chosen_device, timeout_s=timeout_s)
+        return Dist(device=chosen_device)
     if not torch.distributed.is_available():
         raise DistributedError("this torch build has no torch.distributed")
     name = _backend_for(backend, chosen_device)
@@ -187,7 +185,7 @@ def start(device: str = "auto", *, backend: str = "auto", timeout_s: float = DEF
                 f"rank {launch.rank} could not join the process group at {env['MASTER_ADDR']}:{env['MASTER_PORT']} "
                 f"within {timeout_s:.0f} s ({_first_line(error)}); check the rendezvous address and port and "
                 "that every rank was started") from error
-    return Dist(launch.rank, launch.world_size, launch.local_rank, chosen_device, name, timeout_s, launch.launcher)
+    return Dist(launch.rank, launch.world_size, launch.local_rank, chosen_device, name)
 
 
 def launched_rank() -> int:
@@ -271,22 +269,26 @@ def collective(what: str):
 
 
 def on_main(work, what: str = "rank 0's work"):
-    """`work()` on rank 0 only; its result, or the `TrimodalError` it raised, on every rank (so that a full
-    disk on rank 0 stops every rank with the same message instead of leaving them waiting)."""
+    """`work()` on rank 0 only; its result on every rank, or its failure: a `TrimodalError` is raised on every
+    rank as it is, anything else as a `DistributedError` naming `what` on the others (so that a full disk
+    on rank 0 stops every rank with its message instead of leaving them waiting)."""
     import torch
 
     if not _active():
         return work()
-    outcome = None
+    outcome, failure = None, None
     if torch.distributed.get_rank() == 0:
         try:
             outcome = ("done", work())
-        except TrimodalError as error:
-            outcome = ("failed", type(error), str(error))
+        except Exception as error:  # every rank must hear of it; rank 0 raises it below
+            failure = error
+            outcome = ("failed", type(error) if isinstance(error, TrimodalError) else None, _first_line(error))
     outcome = broadcast_object(outcome)
+    if failure is not None:
+        raise failure
     if outcome[0] == "failed":
         try:
-            error = outcome[1](outcome[2])
+            error = outcome[1](outcome[2]) if outcome[1] else DistributedError(f"rank 0 failed while {what}: {outcome[2]}")
         except TypeError:  # an error class whose constructor takes other arguments
             error = TrimodalError(outcome[2])
         raise error

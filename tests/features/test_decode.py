@@ -11,7 +11,8 @@ from PIL import Image
 from tests.builders import make_jpeg
 from trimodal.errors import TrimodalError
 from trimodal.features.decode import DevicePixels, device_pixels, nvjpeg_decodable
-from trimodal.features.image import EncoderSpec, ImagePreprocess, resolve_device
+from trimodal.distributed import resolve_device
+from trimodal.features.image import EncoderSpec, ImagePreprocess
 
 # torchvision 0.29 deprecates its decoders for torchcodec; decode_jpeg is still what batches nvjpeg.
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")

@@ -23,8 +23,8 @@ import torch  # noqa: E402
 from trimodal import distributed  # noqa: E402
 from trimodal.training.config import load_config  # noqa: E402
 from trimodal.training.data import TrimodalDataset, open_sources  # noqa: E402
-from trimodal.training.trainer import (StepLoss, _enter_stage, _seed_epoch, _seed_everything, _wrap,  # noqa: E402
-                                       build_from_config, train)
+from trimodal.training.trainer import (StepLoss, _seed_epoch, _seed_everything, _wrap, build_from_config,  # noqa: E402
+                                       enter_stage, stage_weights, train)
 
 
 def first_step(spec: dict, dist: distributed.Dist) -> dict:
@@ -39,10 +39,10 @@ def first_step(spec: dict, dist: distributed.Dist) -> dict:
                               streams=settings.data_streams, inputs=model.store_inputs())
     batch = next(iter(dataset))
     _seed_epoch(settings.seed, 0, dist.rank)
-    stage = _enter_stage(model, settings, 0)
+    stage = enter_stage(model, settings, 0)
     model.train()
     step = _wrap(StepLoss(model, settings.modalities, amp=False), dist)
-    loss, parts = step(batch, stage.get("weights", {}) if stage else settings.loss_weights)
+    loss, parts = step(batch, stage_weights(settings, stage))
     loss.backward()
     return {"loss": loss.detach(), "parts": {k: v.detach() for k, v in parts.items()},
             "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}}

@@ -147,7 +147,7 @@ def test_ttt_on_a_family_without_it_names_the_ones_with_it():
 
     model = build_model("dualloop", model_dim=32, latent_dim=16, image_dim=8, vocab_size=50, context_length=8, n_mels=8)
     with pytest.raises(ConfigError, match=f"'dualloop' has no test-time training; --ttt works for "
-                                          f"{', '.join(families_where('has_test_time_training'))}"):
+                                          f"{', '.join(families_where(lambda family: family.has_test_time_training))}"):
         check_ttt_options(model, "dualloop", {})
 
 

@@ -11,7 +11,7 @@ from trimodal.training.settings import TrainConfig
 from trimodal.training.models import build_model
 from trimodal.training.optimization import lr_at
 from trimodal.training.models.nlmm.optimizers import DMGD
-from tests.training.test_models import FAMILY_TINY, fake_batch
+from tests.training.test_models import INPUTS, fake_batch
 
 LEVELS = [{"name": "fast", "chunk_size": 1, "lr": 1e-2, "optimizer": "adamw"},
           {"name": "slow", "chunk_size": 4, "lr": 1e-2, "optimizer": "dmgd"}]
@@ -19,7 +19,8 @@ TRAIN = TrainConfig(lr=1e-3, warmup_steps=0, grad_clip=1e9, weight_decay=0.0)
 
 
 def tiny(**settings):
-    return build_model("nlmm", **{**FAMILY_TINY["nlmm"], "cms_levels": LEVELS, **settings})
+    return build_model("nlmm", **{**INPUTS, "depth": {"image": 1, "text": 1, "audio": 1}, "adapter_rank": 2,
+                                  "cms_levels": LEVELS, **settings})
 
 
 def random_gradients(model, seed: int) -> dict[int, torch.Tensor]:

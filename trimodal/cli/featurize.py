@@ -39,6 +39,9 @@ def featurize(
     once, into zarr (resumable per shard).
 
     Example: mm featurize shards/flickr8k --out features/flickr8k.zarr
+
+    On several GPUs: torchrun --nproc-per-node 8 -m trimodal featurize SHARDS --out STORE (each rank computes its
+    share of the shards; the store is the one a single process writes).
     """
     from trimodal.features.featurize import FeaturizeOptions
     from trimodal.features.featurize import featurize as run_featurize

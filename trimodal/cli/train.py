@@ -30,6 +30,9 @@ def train(
     configs/<family>-tiny.toml, configs/<family>-flickr8k.toml.
 
     Example: mm train configs/mmn-tiny.toml --shards shards/mini --features features/mini.zarr --out runs/tiny train.epochs=5
+
+    On several GPUs or nodes, the same command under torchrun (or srun): torchrun --nproc-per-node 8 -m trimodal
+    train CONFIG --shards S --features F --out RUN. train.batch_size is the global batch.
     """
     from trimodal.training.trainer import train as run_train
 

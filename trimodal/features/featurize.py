@@ -142,31 +142,36 @@ def _featurize(shards: Path, store_path: Path, options: FeaturizeOptions, dist: 
     config = {**extractors.config(), "splits": splits}
     fingerprint = index_fingerprint(index, splits)
 
-    def open_store() -> None:
+    parts = Parts(store_path)
+
+    def open_store() -> list[str]:
+        """Rank 0: the store opened (or created, with the parts of any earlier run removed), and which of
+        its missing shards an interrupted distributed run left complete parts of."""
         try:
-            _open_or_create(store_path, shards, index, splits, config, fingerprint, extractors, options.overwrite)
+            store = _open_or_create(store_path, shards, index, splits, config, fingerprint, extractors,
+                                    options.overwrite, parts)
         except OSError as error:  # a full disk or an unwritable path: nothing was complete, so nothing is kept
             shutil.rmtree(store_path, ignore_errors=True)
             raise TrimodalError(f"cannot create the feature store {store_path}: {error.strerror or error}") from error
+        return [slot.name for slot in store.slots.values() if not slot.done and parts.complete(slot.name)]
 
-    distributed.on_main(open_store, "opening the feature store")
+    reused = distributed.on_main(open_store, "opening the feature store")
     store = FeatureStore.open(store_path, mode="a" if dist.main else "r")
     summary = FeaturizeSummary(store_path, str(dist.device), random_init=bool(extractors.image and extractors.image.random_init),
-                               random_towers=extractors.random_towers(), config=config)
+                               random_towers=extractors.random_towers(), config=config, parts_reused=reused)
     slots = list(store.slots.values())
     summary.shards_skipped = [slot.name for slot in slots if slot.done]
     todo = [slot for slot in slots if not slot.done]
     entries = {s["name"]: s for split in splits for s in index["splits"][split]["shards"]}
-    parts = Parts(store_path)
-    if dist.enabled:
-        summary.parts_reused = [slot.name for slot in todo if parts.complete(slot.name)]
-        mine = [slot for slot in _deal(todo, dist.rank, dist.world_size) if slot.name not in summary.parts_reused]
-
+    # Ranks write parts (see parts.py); one process writes into the store directly, unless an interrupted
+    # distributed run left parts to finish from.
+    through_parts = dist.enabled or bool(reused)
+    mine = _deal(todo, dist.rank, dist.world_size) if dist.enabled else todo
+    mine = [slot for slot in mine if slot.name not in reused]
+    if through_parts:
         def keep(slot: ShardSlot, features: ShardFeatures) -> None:
             parts.write(slot.name, features)
     else:
-        mine = todo
-
         def keep(slot: ShardSlot, features: ShardFeatures) -> None:
             _write_into(store, store_path, slot, features)
 
@@ -174,7 +179,7 @@ def _featurize(shards: Path, store_path: Path, options: FeaturizeOptions, dist: 
              done=sum(s.rows[1] - s.rows[0] for s in slots) - sum(s.rows[1] - s.rows[0] for s in mine),
              total=sum(s.rows[1] - s.rows[0] for s in slots))
     summary.shards_written = [slot.name for slot in mine[:stop_after]]
-    if dist.enabled:
+    if through_parts:
         if stop_after is not None:
             return summary
         distributed.barrier("waiting for the other ranks to compute their shards")
@@ -245,7 +250,7 @@ def _choose_splits(index: dict, wanted: tuple[str, ...] | None) -> list[str]:
 
 
 def _open_or_create(path: Path, shards: Path, index: dict, splits: list[str], config: dict, fingerprint: str,
-                    extractors: _Extractors, overwrite: bool) -> FeatureStore:
+                    extractors: _Extractors, overwrite: bool, parts: Parts) -> FeatureStore:
     if path.exists() and not overwrite:
         store = FeatureStore.open(path, mode="a")
         differences = config_differences(json.loads(json.dumps(store.config)), json.loads(json.dumps(config)))
@@ -256,6 +261,7 @@ def _open_or_create(path: Path, shards: Path, index: dict, splits: list[str], co
             raise StaleCacheError(f"{path} was computed from other shards (the shards' index.json changed since); "
                                   "use --overwrite to recompute")
         return store
+    parts.finish()  # parts of another store (other settings, other shards) must not land in this one
     return FeatureStore.create(path, slots=plan_layout(index, splits), config=config, fingerprint=fingerprint,
                                shards_path=shards, dims=extractors.dims())
 

@@ -166,16 +166,6 @@ def make_image_extractor(spec: str | None, device: torch.device, *, tokens: bool
 
 # -- what towers share -----------------------------------------------------------------------------
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA device is available")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ConfigError(f"--device must be auto, cpu or cuda (got {device!r})")
-    return torch.device(device)
-
-
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Weights from a safetensors file or a weights-only torch checkpoint (unwrapping `state_dict`)."""
     if not path.is_file():

@@ -49,6 +49,9 @@ class Parts:
 
     def read(self, shard: str) -> ShardFeatures:
         folder = self.folder / shard
+        if not (folder / "keys.npy").is_file():
+            raise TrimodalError(f"the features of {shard} are not in {self.folder}: every rank must write where rank 0 "
+                                "reads (the store's folder on storage that every node sees)")
         try:
             arrays = {path.stem: np.load(path, allow_pickle=False) for path in folder.glob("*.npy")}
         except (OSError, ValueError) as error:

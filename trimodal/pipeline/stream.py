@@ -1,4 +1,4 @@
-"""Reading shards: samples from one tar, and the deterministic shard order split by node and worker."""
+"""Reading shards: samples from one tar, what one shard holds, and the fingerprint of a shard set."""
 
 from __future__ import annotations
 
@@ -56,7 +56,6 @@ class ShardContents:
     wav_caption_ids: list[int] = field(default_factory=list)
     wav_counts: list[int] = field(default_factory=list)
 
-
     def rows(self, start: int, stop: int) -> "ShardContents":
         """The samples [start, stop) of the shard, with their captions and spoken captions."""
         captions = offsets(self.caption_counts)
@@ -99,19 +98,6 @@ def offsets(counts: Sequence[int]) -> np.ndarray:
 
 def _is_wav(suffix: str) -> bool:
     return suffix.endswith((".wav", ".flac"))
-
-
-def shard_order(names: Sequence[str], *, seed: int, epoch: int, shuffle: bool) -> list[str]:
-    """The same permutation on every rank: shuffled by (seed, epoch) before any split."""
-    order = list(names)
-    if shuffle:
-        random.Random(f"{seed}:{epoch}").shuffle(order)
-    return order
-
-
-def split_shards(names: Sequence[str], rank: int, world_size: int, worker: int, workers: int) -> list[str]:
-    """Whole shards for one (rank, worker): node split first, then worker split."""
-    return list(names)[rank::world_size][worker::workers]
 
 
 def index_fingerprint(index: dict, splits: Sequence[str] | None = None) -> str:

@@ -6,11 +6,11 @@ import io
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from trimodal.errors import ConfigError, TrimodalError
 from trimodal.features.store import FeatureStore
 from trimodal.features.text import OpenClipTokenizer
+from trimodal.training.captions import generate_captions
 from trimodal.training.eval_run import load_run
 
 
@@ -36,16 +36,6 @@ def caption_run(run: Path, *, images: list[Path] = (), features: Path | None = N
     captions, _ = generate_captions(model, vectors, OpenClipTokenizer(run_store.config["text"]["tokenizer"]), target,
                                     beams=beams, episode_size=int(resolved["train"]["batch_size"]))
     return list(zip(names, captions))
-
-
-def generate_captions(model, images: np.ndarray, tokenizer: OpenClipTokenizer, device, *, beams: int = 1,
-                      episode_size: int = 32) -> tuple[list[str], np.ndarray]:
-    """A caption for each (N, image_dim) image vector (`Family.caption_images`, decoded by `tokenizer`), and
-    the memory slot weights of each read (N, K)."""
-    start, end = tokenizer.special_ids()
-    vectors = torch.from_numpy(np.asarray(images, np.float32)).to(device)
-    ids, weights = model.caption_images(vectors, start=start, end=end, beams=beams, episode_size=episode_size)
-    return [tokenizer.decode(row) for row in ids], weights.float().cpu().numpy()
 
 
 def _embed_files(paths: list[Path], image_config: dict, device) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Checkpoints: weights as safetensors, the rest (optimizer, RNG, epoch) in a weights-only torch file."""
+"""Checkpoints: weights as safetensors, the rest (optimizers, epoch, step, data streams) in a weights-only torch file."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
 
 
 def save_state(path: Path, state: dict) -> None:
-    """Optimizer, RNG and progress; loadable with `torch.load(weights_only=True)`."""
+    """Optimizers and progress; loadable with `torch.load(weights_only=True)`."""
     try:
         with atomic_path(path) as temporary:
             torch.save(state, temporary)

@@ -6,8 +6,9 @@ import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from trimodal.distributed import BACKENDS
 from trimodal.errors import ConfigError
-from trimodal.training.models import available_models, family_attribute, model_defaults
+from trimodal.training.models import available_models, family_class, model_defaults
 from trimodal.training.settings import TrainConfig
 
 SECTIONS = ("model", "train")
@@ -125,7 +126,7 @@ def _cut_stages(stages: list[dict], epochs: int) -> list[dict]:
 
 
 def _check_stages(stages: list, family: str | None) -> list[str]:
-    known = family_attribute(family, "loss_names") if family in available_models() else None
+    known = family_class(family).loss_names if family in available_models() else None
     if stages and family in available_models() and known is None:
         return [f"[[train.stages]]: model {family!r} does not train in stages (its loss is fixed)"]
     problems = []
@@ -175,6 +176,13 @@ def _check_ranges(train: TrainConfig) -> list[str]:
         problems.append("[train] batch_size must be at least 2 (contrastive loss)")
     if train.lr <= 0:
         problems.append("[train] lr must be positive")
+    for key in ("max_steps", "data_streams"):
+        if getattr(train, key) < 0:
+            problems.append(f"[train] {key} must be 0 or more")
+    if train.dist_timeout_s <= 0:
+        problems.append("[train] dist_timeout_s must be positive")
+    if train.dist_backend not in BACKENDS:
+        problems.append(f"[train] dist_backend must be one of {', '.join(BACKENDS)} (got {train.dist_backend!r})")
     unknown = set(train.modalities) - {"image", "text", "audio"}
     if unknown or len(train.modalities) < 2:
         problems.append(f"[train] modalities must name at least two of image, text, audio (got {train.modalities})")

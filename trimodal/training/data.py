@@ -39,9 +39,9 @@ from trimodal.features.store import FeatureStore, ShardFeatures, StaleCacheError
 from trimodal.features.towers import caption_extent
 from trimodal.pipeline.shard import read_index
 from trimodal.pipeline.stream import index_fingerprint, offsets, read_shard
+from trimodal.training.models.family import MODALITIES
 from trimodal.training.sample_order import EpochPlan, Piece, plan_epoch, rank_streams, stream_order
 
-MODALITIES = ("image", "text", "audio")
 # What a model reads of each modality from the store (`Family.store_inputs`): image "embedding" (pooled) or
 # "tokens" (image/tokens); text "ids" always, plus "embedding" (text/embedding) or "states" (text/states).
 DEFAULT_INPUTS = {"image": "embedding", "text": "ids"}
@@ -218,17 +218,23 @@ class TrimodalDataset(IterableDataset):
         # Shared with loader workers, so that persistent workers see set_epoch() of the main process.
         self._epoch = multiprocessing.Value("q", epoch, lock=False)
         self.shuffle_buffer, self.max_audio_frames, self.drop_last = shuffle_buffer, max_audio_frames, drop_last
-        self.rank, self.world_size, self.accumulation = rank, world_size, accumulation
+        # Resolved here, in the main process: a spawned loader worker has no process group to ask.
+        group_rank, group_world = position()
+        self.rank = rank if rank is not None else group_rank
+        self.world_size = world_size if world_size is not None else group_world
+        self.accumulation = accumulation
         entries = self.sources.shard_entries(split)
         self.shard_names = [entry["name"] for entry in entries]
         self.shard_samples = [entry["samples"] for entry in entries]
         self.samples = sum(self.shard_samples)
-        world = world_size if world_size is not None else position()[1]
-        self.streams = streams or world
-        if batch_size % world:
-            raise ConfigError(f"the batch of {batch_size} rows cannot be split evenly over {world} ranks "
+        self.streams = streams or self.world_size
+        if batch_size % self.world_size:
+            raise ConfigError(f"the batch of {batch_size} rows cannot be split evenly over {self.world_size} ranks "
                               "(train.batch_size is the global batch: make it a multiple of the number of ranks)")
-        rank_streams(self.streams, 0, world)
+        if self.world_size > 1 and not drop_last:
+            raise ConfigError("with several ranks every batch must be whole (drop_last=True): a short last batch "
+                              "cannot be shared evenly")
+        rank_streams(self.streams, 0, self.world_size)
         self.plan(1)  # the layout's own checks, before any worker starts
         store = self.sources.store
         self.from_store = {m: store.has(m) for m in self.modalities}
@@ -257,14 +263,12 @@ class TrimodalDataset(IterableDataset):
         return self.plan(1).batches
 
     def _position(self) -> tuple[int, int, int, int]:
-        rank, world = position()
-        rank = self.rank if self.rank is not None else rank
-        world = self.world_size if self.world_size is not None else world
         info = get_worker_info()
-        return rank, world, (info.id if info else 0), (info.num_workers if info else 1)
+        return self.rank, self.world_size, (info.id if info else 0), (info.num_workers if info else 1)
 
     def _store(self) -> FeatureStore:
-        """The store, opened once per process: a loader worker opens its own (without the checks again)."""
+        """The store, opened once per process: a loader worker (forked or spawned) opens its own, without the
+        checks again."""
         if self._store_pid != os.getpid():
             self.sources.store = FeatureStore.open(self.sources.features)
             self._store_pid = os.getpid()
@@ -338,11 +342,6 @@ class TrimodalDataset(IterableDataset):
                 caption_id = int(features.utterance_caption_ids[pick]) if caption_id is None else caption_id
         item.caption_id = -1 if caption_id is None else caption_id
         return item
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_store_pid"] = None  # a spawned worker opens the store itself
-        return state
 
 
 def read_features(store: FeatureStore, name: str, modalities: Sequence[str], inputs: dict, *, text: bool,

@@ -8,7 +8,7 @@ from pathlib import Path
 from trimodal import distributed
 from trimodal.atomic import write_json, write_jsonl
 from trimodal.errors import ConfigError, TrimodalError
-from trimodal.features.image import resolve_device
+from trimodal.distributed import resolve_device
 from trimodal.training.checkpoint import load_weights
 from trimodal.training.data import load_split, open_sources
 from trimodal.training.evaluate import (adapted_latents, embed_split, fold_sizes, mean_over_folds, mean_recall,
@@ -54,11 +54,13 @@ def evaluate_run(run: Path, *, split: str = "test", checkpoint: str = "best", tt
     "directions_folds" per fold and "directions_1k" their mean (COCO's 1k protocol for 5 folds of its
     5,000 Karpathy test images). Folds apply to the plain evaluation only, not to TTT.
 
-    A family that generates captions (`Family.evaluation_extras`) adds its sections (bitmar: "captioning"
-    with `beams` 1 greedy, 3 the default; every caption in `run/captions-<split>.jsonl`)."""
+    A family adds its own sections and files through `Family.evaluation_extras` (a captioner: "captioning",
+    decoded with `beams`, 1 greedy, 3 the default, and `run/captions-<split>.jsonl`)."""
     if beams < 1:
         raise ConfigError(f"--beams must be at least 1 (got {beams})")
-    with distributed.session(device) as dist:
+    train = read_resolved_config(Path(run))["train"]
+    with distributed.session(device, backend=train.get("dist_backend", "auto"),
+                             timeout_s=float(train.get("dist_timeout_s", distributed.DEFAULT_TIMEOUT_S))) as dist:
         return _evaluate(Path(run), dist, split=split, checkpoint=checkpoint, ttt=ttt, shards=shards,
                          features=features, ttt_options={k: v for k, v in (("k", ttt_k), ("step", ttt_step))
                                                          if v is not None}, folds=folds, beams=beams)
@@ -116,7 +118,7 @@ def check_ttt_options(model, family: str, options: dict) -> None:
     """Before any work: the family has test-time training, and the options given are its own."""
     if not model.has_test_time_training:
         raise ConfigError(f"model family {family!r} has no test-time training; --ttt works for "
-                          f"{', '.join(families_where('has_test_time_training'))}")
+                          f"{', '.join(families_where(lambda family: family.has_test_time_training))}")
     foreign = [name for name in options if name not in model.ttt_options]
     if foreign:
         settings = ", ".join(name for name in model.ttt_settings() if name != "loss")

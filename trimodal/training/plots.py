@@ -58,10 +58,13 @@ def plot_run(run: Path, family=None) -> list[Path]:
     return written
 
 
-def plot_series(train: list[dict], key: str, series: tuple[tuple[str, str], ...], path: Path) -> Path:
+def plot_series(records: list[dict], key: str, series: tuple[tuple[str, str], ...], path: Path) -> list[Path]:
     """One panel per (series, y label) of what the training records hold under `key`, against the step: a
     single line when `record[key][series]` is a number, one line per entry when `record[key]` holds named
-    entries (e.g. one per memory level)."""
+    entries (e.g. one per memory level). Nothing when no training record has `key`."""
+    train = [r for r in records if r["type"] == "train" and key in r]
+    if not train:
+        return []
     figure, axes = plt.subplots(len(series), 1, figsize=(7, 2.6 * len(series)), sharex=True, squeeze=False)
     steps = [r["step"] for r in train]
     for axis, (name, label) in zip(axes[:, 0], series):
@@ -78,7 +81,7 @@ def plot_series(train: list[dict], key: str, series: tuple[tuple[str, str], ...]
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
-    return path
+    return [path]
 
 
 def _number(value) -> float:

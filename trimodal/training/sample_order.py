@@ -13,10 +13,11 @@ shuffle buffer seeded by (seed, epoch, stream). One process and N ranks with the
 see the same global batches, row for row; N must divide Q.
 
 Ranges cut shards at sample level, so any number of shards serves any number of ranks and workers (a
-shard can be split between two streams, each reading its own rows). The epoch has samples // B global
-batches (rounded down to a multiple of the gradient accumulation); the tail of the sequence that fills
-no batch (fewer than B × accumulation samples) is dropped, a different tail every epoch as the shard
-order changes, and reported as `EpochPlan.dropped`.
+shard can be split between two streams, each reading its own rows). Training (`drop_last`) has
+samples // B global batches, rounded down to a multiple of the gradient accumulation; the tail of the
+sequence that fills no batch (fewer than B × accumulation samples) is dropped, a different tail every
+epoch as the shard order changes, and reported as `EpochPlan.dropped`. Without `drop_last` (one process
+reading a split once) nothing is dropped and the last batch is short.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from trimodal.features.store import audio_layout
 from trimodal.progress import SILENT, Reporter
 from trimodal.training.checkpoint import load_state, load_weights, save_state, save_weights
 from trimodal.training.config import RunConfig, load_config
-from trimodal.training.data import Sources, TrimodalDataset, check_shared_memory, load_split, loader_failure, open_sources
+from trimodal.training.data import TrimodalDataset, check_shared_memory, load_split, loader_failure, open_sources
 from trimodal.training.evaluate import evaluate_split, mean_recall
 from trimodal.training.models import build_model, model_defaults, parameter_counts
 from trimodal.training.models.family import Family, store_settings
@@ -156,7 +156,7 @@ def _train(config: RunConfig, shards: Path, features: Path, run: Path, dist: dis
         raise ConfigError(f"model {config.model_name!r} reads {', '.join(model.modalities)}, not {', '.join(unread)}; "
                           f"set train.modalities to {list(model.modalities)}")
     distributed.on_main(lambda: prepare_run_dir(run, resume=resume, overwrite=overwrite), "preparing the run folder")
-    state = distributed.broadcast_object(_read_state(run) if resume and dist.main else None)
+    state = distributed.on_main(lambda: _read_state(run) if resume else None, "reading the checkpoint")
     streams, notes = _data_streams(settings, dist.world_size, state)
     model.to(dist.device)
     parameters, trainable = parameter_counts(model)
@@ -171,7 +171,7 @@ def _train(config: RunConfig, shards: Path, features: Path, run: Path, dist: dis
                           f"{settings.batch_size} × {settings.grad_accum} (batch × accumulation); lower train.batch_size")
     total_steps = steps_per_epoch * settings.epochs
     total_steps = min(total_steps, settings.max_steps) if settings.max_steps else total_steps
-    dropped = dataset.plan(max(1, settings.num_workers)).dropped
+    dropped = dataset.plan(1).dropped  # the same for any number of loader workers
     if on_start is not None:
         on_start(RunStart(parameters, trainable, str(dist.device), dist.world_size, settings.batch_size, rows,
                           steps_per_epoch, dropped, streams, notes))
@@ -185,20 +185,23 @@ def _train(config: RunConfig, shards: Path, features: Path, run: Path, dist: dis
 
     start_epoch, step, best, best_epoch = 0, 0, -1.0, None
     if state is not None:
-        if dist.main:  # the other ranks receive these weights when DDP starts (it broadcasts rank 0's)
-            load_weights(model, run / CHECKPOINTS / "last.safetensors")
+        # Rank 0 reads the weights; the other ranks receive them when DDP starts (it broadcasts rank 0's).
+        distributed.on_main(lambda: _resume_files(run, model, state["epoch"]), "reading the checkpoint")
         optimization.load_state_dict(state.get("optimization") or {"optimizer": state["optimizer"]})
         start_epoch, step, best, best_epoch = state["epoch"] + 1, state["step"], state["best"], state.get("best_epoch")
-        if dist.main:
-            truncate_metrics(run / "metrics.jsonl", state["epoch"])
     step_loss = _wrap(StepLoss(model, settings.modalities, settings.amp), dist)
-    if dist.main:
+    opened = {}
+
+    def open_run_files() -> None:
         write_resolved_config(run, config, model_settings, {"data_streams": streams},
                               {"shards": str(shards), "features": str(features)},
                               {"parameters": parameters, "trainable_parameters": trainable, "device": str(dist.device),
                                "world_size": dist.world_size, "batch_per_rank": rows,
                                "steps_per_epoch": steps_per_epoch, "samples_dropped_per_epoch": dropped})
-    log = RunLog(run, enabled=dist.main)
+        opened["log"] = RunLog(run)
+
+    distributed.on_main(open_run_files, "writing config.resolved.toml")
+    log = opened.get("log") or RunLog(run, enabled=False)
     last_val, train_seconds, train_steps, seen = None, 0.0, 0, 0
     try:
         for epoch in range(start_epoch, settings.epochs):
@@ -206,7 +209,7 @@ def _train(config: RunConfig, shards: Path, features: Path, run: Path, dist: dis
                 break
             dataset.set_epoch(epoch)
             _seed_epoch(settings.seed, epoch, dist.rank)
-            stage = _enter_stage(model, settings, epoch)
+            stage = enter_stage(model, settings, epoch)
             started, first_step = time.monotonic(), step
             step, rows_seen = _train_epoch(step_loss, model, loader, optimization, settings, dist, epoch, step,
                                            dataset.batches_per_epoch, log, reporter, stage)
@@ -224,7 +227,8 @@ def _train(config: RunConfig, shards: Path, features: Path, run: Path, dist: dis
             if improved:
                 best, best_epoch = score, epoch
             end_state = {"optimization": optimization.state_dict(), "epoch": epoch, "step": step, "best": best,
-                         "best_epoch": best_epoch, "data_streams": streams, "world_size": dist.world_size}
+                         "best_epoch": best_epoch, "data_streams": streams, "num_workers": settings.num_workers,
+                         "world_size": dist.world_size}
             distributed.on_main(lambda: _end_epoch(run, model, log, record, end_state, improved), "writing checkpoints")
             if stop_after_epoch is not None and epoch >= stop_after_epoch:
                 break
@@ -239,14 +243,27 @@ def _read_state(run: Path) -> dict:
     return load_state(run / CHECKPOINTS / "last.state.pt")
 
 
+def _resume_files(run: Path, model: Family, epoch: int) -> None:
+    load_weights(model, run / CHECKPOINTS / "last.safetensors")
+    truncate_metrics(run / "metrics.jsonl", epoch)  # what an interrupted epoch logged after the checkpoint
+
+
 def _data_streams(settings: TrainConfig, world_size: int, state: dict | None) -> tuple[int, list[str]]:
     """The run's data streams: those it started with, while the world size divides them; else (a resumed
-    run on a world size that does not) the world size, from this epoch on."""
+    run on a world size that does not) the world size, from this epoch on. And what a resumed run changed
+    of its global sample order."""
+    notes = []
+    if state is not None and state.get("num_workers", settings.num_workers) != settings.num_workers:
+        notes.append(f"the run read its data with {state['num_workers']} loader worker(s), now {settings.num_workers}: "
+                     "the global sample order changes from this epoch on")
+    if state is None and settings.data_streams % world_size:
+        raise ConfigError(f"train.data_streams = {settings.data_streams} cannot be shared by {world_size} ranks: make it "
+                          "a multiple of the number of ranks (or 0, the number of ranks)")
     started = (state or {}).get("data_streams") or settings.data_streams or world_size
     if started % world_size == 0:
-        return started, []
-    return world_size, [f"the run read {started} data stream(s), which {world_size} ranks cannot share; from this "
-                        f"epoch on it reads {world_size} (the global sample order changes from here)"]
+        return started, notes
+    return world_size, notes + [f"the run read {started} data stream(s), which {world_size} ranks cannot share; from "
+                                f"this epoch on it reads {world_size} (the global sample order changes from here)"]
 
 
 def _wrap(step_loss: StepLoss, dist: distributed.Dist):
@@ -275,12 +292,17 @@ def _end_epoch(run: Path, model: Family, log: RunLog, record: dict, state: dict,
     plot_run(run, model)
 
 
-def _enter_stage(model: Family, settings: TrainConfig, epoch: int) -> dict | None:
+def enter_stage(model: Family, settings: TrainConfig, epoch: int) -> dict | None:
     """The stage of `epoch`, told to the model; a family that trains in stages and has none configured
     trains its `default_losses` throughout."""
     stage = settings.stage_at(epoch)
     model.set_stage(tuple(stage["losses"]) if stage else model.default_losses)
     return stage
+
+
+def stage_weights(settings: TrainConfig, stage: dict | None) -> dict:
+    """The loss weights in force: the stage's, or train.loss_weights without stages."""
+    return stage.get("weights", {}) if stage else settings.loss_weights
 
 
 class StepLoss(torch.nn.Module):
@@ -309,7 +331,7 @@ def _train_epoch(step_loss, model: Family, loader, optimization: Optimization, s
     device = dist.device
     started, seen, pending = time.monotonic(), 0, 0
     running: dict = {}
-    weights = stage.get("weights", {}) if stage else settings.loss_weights
+    weights = stage_weights(settings, stage)
     label = f"epoch {epoch + 1}/{settings.epochs}" + (f" ({stage['name']})" if stage else "")
     rows = settings.batch_size // dist.world_size
     with reporter.task(label, total=batches * settings.batch_size, unit="samples") as task:

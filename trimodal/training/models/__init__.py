@@ -58,14 +58,9 @@ def family_class(name: str) -> type:
     return typing.get_type_hints(_BUILDERS[name])["return"]
 
 
-def family_attribute(name: str, attribute: str, default=None):
-    """A class attribute of family `name`'s model (e.g. its "loss_names"), or `default`."""
-    return getattr(family_class(name), attribute, default)
-
-
-def families_where(attribute: str) -> list[str]:
-    """The families whose model class sets `attribute` true (e.g. "has_test_time_training")."""
-    return [name for name in available_models() if family_attribute(name, attribute)]
+def families_where(test) -> list[str]:
+    """The families whose model class passes `test` (e.g. `lambda family: family.has_test_time_training`)."""
+    return [name for name in available_models() if test(family_class(name))]
 
 
 def parameter_counts(model) -> tuple[int, int]:

@@ -14,13 +14,12 @@ import re
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from trimodal.errors import ConfigError
 from trimodal.features.text import OpenClipTokenizer
 from trimodal.pipeline.shard import read_index
 from trimodal.pipeline.stream import read_shard
-from trimodal.training.caption_run import generate_captions
+from trimodal.training.captions import generate_captions
 from trimodal.training.models.family import EvaluationContext, EvaluationExtras
 
 METRICS_SOURCE = ("pycocoevalcap (Bleu, Rouge, Cider); lower-cased word tokens, punctuation dropped; "

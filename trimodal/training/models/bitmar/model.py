@@ -137,6 +137,11 @@ class BitMar(Family):
         read, weights = self.memory.read(memory, codes)
         return self.recall(read.to(codes.dtype)), weights
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Runs saved before the noise generator's state was a buffer have none: they keep this model's.
+        state_dict.setdefault(prefix + "noise_state", self.noise_state)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def _write_noise(self, episodes: torch.Tensor) -> torch.Tensor:
         """Standard normal noise of `episodes`' shape from the model's own generator, advanced in the buffer."""
         generator = torch.Generator().set_state(self.noise_state.cpu())

@@ -225,12 +225,9 @@ class DualLoopModel(Family):
     def plots(self, records: list[dict], folder) -> list:
         from trimodal.training.plots import plot_series
 
-        train = [r for r in records if r["type"] == "train" and "controller" in r]
-        if not train:
-            return []
-        return [plot_series(train, "controller", (("lr_multiplier", "learning-rate multiplier"),
+        return plot_series(records, "controller", (("lr_multiplier", "learning-rate multiplier"),
                                                   ("reward", "reward of the last window")),
-                            folder / "optimization.png")]
+                            folder / "optimization.png")
 
 
 @register_model("dualloop")

@@ -107,11 +107,8 @@ class NestedLearningModel(Family):
     def plots(self, records: list[dict], folder) -> list:
         from trimodal.training.plots import plot_series
 
-        train = [r for r in records if r["type"] == "train" and "levels" in r]
-        if not train:
-            return []
-        return [plot_series(train, "levels", (("change_norm", "‖Δθ‖ of the last update"),
-                                              ("updates", "updates so far")), folder / "optimization.png")]
+        return plot_series(records, "levels", (("change_norm", "‖Δθ‖ of the last update"),
+                                              ("updates", "updates so far")), folder / "optimization.png")
 
     # -- test-time training ---------------------------------------------------------------------
 
