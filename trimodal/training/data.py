@@ -40,7 +40,7 @@ from trimodal.features.towers import caption_extent
 from trimodal.pipeline.shard import read_index
 from trimodal.pipeline.stream import index_fingerprint, offsets, read_shard
 from trimodal.training.models.family import MODALITIES
-from trimodal.training.sample_order import EpochPlan, Piece, plan_epoch, rank_streams, stream_order
+from trimodal.training.sample_order import EpochPlan, Piece, epoch_batches, plan_epoch, rank_streams, stream_order
 
 # What a model reads of each modality from the store (`Family.store_inputs`): image "embedding" (pooled) or
 # "tokens" (image/tokens); text "ids" always, plus "embedding" (text/embedding) or "states" (text/states).
@@ -259,8 +259,9 @@ class TrimodalDataset(IterableDataset):
 
     @property
     def batches_per_epoch(self) -> int:
-        """Global batches in every epoch (the same on every rank and for any number of workers)."""
-        return self.plan(1).batches
+        """Global batches in every epoch (the same on every rank, for any number of workers, every epoch)."""
+        return epoch_batches(self.samples, self.batch_size, drop_last=self.drop_last,
+                             multiple=self.accumulation if self.drop_last else 1)
 
     def _position(self) -> tuple[int, int, int, int]:
         info = get_worker_info()

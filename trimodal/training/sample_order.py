@@ -82,13 +82,8 @@ def plan_epoch(shard_samples: Sequence[int], *, batch_size: int, streams: int, g
         raise ConfigError(f"the batch of {batch_size} rows cannot be drawn evenly from {streams} data streams "
                           "(train.data_streams must divide train.batch_size)")
     total = int(sum(shard_samples))
-    if drop_last:
-        batches = total // batch_size // multiple * multiple
-        used = batches * batch_size
-    else:
-        batches = -(-total // batch_size)
-        used = total
-    plan = EpochPlan(batches, batch_size, streams, groups, {}, total, total - used)
+    batches = epoch_batches(total, batch_size, drop_last=drop_last, multiple=multiple)
+    plan = EpochPlan(batches, batch_size, streams, groups, {}, total, total - batches * batch_size if drop_last else 0)
     # How many samples each (group, stream) gives over the epoch, then consecutive ranges in that order.
     needs = {(g, q): sum(plan.rows(b, q) for b in plan.group_batches(g)) for g in range(groups) for q in range(streams)}
     order = shard_permutation(len(shard_samples), seed=seed, epoch=epoch, shuffle=shuffle)
@@ -107,6 +102,12 @@ def plan_epoch(shard_samples: Sequence[int], *, batch_size: int, streams: int, g
                 position, offset = position + 1, 0
         plan.pieces[key] = pieces
     return plan
+
+
+def epoch_batches(samples: int, batch_size: int, *, drop_last: bool, multiple: int = 1) -> int:
+    """Global batches of an epoch of `samples`: whole ones, a multiple of `multiple` (`drop_last`), or every
+    sample with the last batch short."""
+    return samples // batch_size // multiple * multiple if drop_last else -(-samples // batch_size)
 
 
 def stream_order(pieces: Sequence[Piece], *, buffer: int, rng: np.random.Generator | None) -> list[tuple[int, int]]:
