@@ -325,6 +325,18 @@ def gather_rows_detached(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+def all_max(values: list[int], device=None) -> list[int]:
+    """The element-wise maximum of every rank's small integer `values` (flags agreed on by all ranks)."""
+    import torch
+
+    if not _active():
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.int64, device=device)
+    with collective("agreeing on a step's flags"):
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return tensor.tolist()
+
+
 def all_gather_object(value) -> list:
     """Every rank's picklable `value`, in rank order."""
     import torch

@@ -50,6 +50,26 @@ def test_ranks_share_each_global_batch_and_together_read_what_one_process_reads(
     assert len(set(keys)) == 200
 
 
+@pytest.mark.parametrize("workers", [0, 1, 2, 3])
+def test_an_epoch_continued_from_a_batch_is_the_rest_of_the_epoch(mini_shards, mini_features, monkeypatch, workers):
+    """Whatever the loader workers and the batch a resumed epoch starts at; the skipped samples are not read."""
+    dataset = TrimodalDataset(mini_shards, mini_features, "train", batch_size=16, drop_last=True, seed=5,
+                              shuffle_buffer=40, modalities=["image", "text"])
+    dataset.set_epoch(2)
+    whole = _keys(dataset, workers)
+    assert len(whole) == 12
+    read = []
+    original = TrimodalDataset._load
+    monkeypatch.setattr(TrimodalDataset, "_load", lambda self, piece, *a: read.append(piece) or original(self, piece, *a))
+    for start in (1, 5, 11, 12):
+        dataset.set_epoch(2, start)
+        assert _keys(dataset, workers) == whole[start:], start
+    if workers == 0:  # loaded in this process: nothing is read for an epoch continued from its end
+        read.clear()
+        dataset.set_epoch(2, 12)
+        assert _keys(dataset, 0) == [] and read == []
+
+
 def test_the_epoch_length_comes_from_the_index_whatever_the_shards(tmp_path, mini_root):
     from trimodal.features.featurize import FeaturizeOptions, featurize
     from trimodal.pipeline.shard import ShardOptions, shard_dataset

@@ -76,18 +76,63 @@ def test_eval_without_ttt_has_only_the_plain_result(quick_run):
     assert (run / "eval-val.json").is_file()
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resuming_at_an_epoch_boundary_ends_with_the_same_weights(mini_shards, mini_features, tmp_path, workers):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_resuming_mid_epoch_with_loader_workers_is_bit_exact(mini_shards, mini_features, tmp_path, workers):
+    """Periodic checkpoints every 3 steps, the 2 newest kept; stopped after step 5 (batch 1 of epoch 2, an
+    odd batch for 2 workers) and resumed: the weights equal an uninterrupted run's."""
     config = shipped_config("mmn-tiny")
-    overrides = QUICK + [f"train.num_workers={workers}"]
+    overrides = QUICK + [f"train.num_workers={workers}", "train.checkpoint_every_steps=3", "train.keep_checkpoints=2"]
     straight = train(config, mini_shards, mini_features, tmp_path / "straight", overrides=overrides)
-    train(config, mini_shards, mini_features, tmp_path / "resumed", overrides=overrides, stop_after_epoch=0)
-    assert json.loads((tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 0
-    train(config, mini_shards, mini_features, tmp_path / "resumed", overrides=overrides, resume=True)
+    assert straight.train_steps == 8  # 200 samples // 50, two epochs
+    stopped = train(config, mini_shards, mini_features, tmp_path / "resumed", overrides=overrides, stop_at_step=5)
+    assert (stopped.stopped.epoch, stopped.stopped.step, stopped.stopped.batch) == (1, 5, 1)
+    folder = tmp_path / "resumed" / "checkpoints"
+    assert sorted(p.name for p in folder.glob("step-*.safetensors")) == ["step-00000004.safetensors",
+                                                                       "step-00000005.safetensors"]
+    resumed = train(config, mini_shards, mini_features, tmp_path / "resumed", overrides=overrides, resume=True)
+    assert resumed.train_steps == 3
     a = load_file(str(tmp_path / "straight" / "checkpoints" / "last.safetensors"))
-    b = load_file(str(tmp_path / "resumed" / "checkpoints" / "last.safetensors"))
+    b = load_file(str(folder / "last.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert straight.epochs_run == 2
+    # Steps 6 (periodic) and 8 (the epoch's end) are the two newest; last.* names the newest.
+    assert sorted(p.name for p in folder.glob("step-*.state.pt")) == ["step-00000006.state.pt", "step-00000008.state.pt"]
+    assert torch.load(folder / "last.state.pt", weights_only=True)["weights"] == "step-00000008.safetensors"
+
+
+def test_a_checkpoint_whose_last_state_was_not_replaced_resumes_from_the_previous_one(mini_shards, mini_features,
+                                                                                     tmp_path):
+    """A stop between writing a checkpoint's files and its last.state.pt: the older state names its own
+    weights, which are still there, and the resumed run is exact."""
+    import shutil
+
+    config = shipped_config("mmn-tiny")
+    overrides = QUICK + ["train.checkpoint_every_steps=1", "train.keep_checkpoints=2"]
+    train(config, mini_shards, mini_features, tmp_path / "straight", overrides=overrides)
+    run = tmp_path / "resumed"
+    train(config, mini_shards, mini_features, run, overrides=overrides, stop_at_step=2)
+    folder = run / "checkpoints"
+    shutil.copyfile(folder / "step-00000001.state.pt", folder / "last.state.pt")  # as if stopped before the commit
+    train(config, mini_shards, mini_features, run, overrides=overrides, resume=True)
+    a = load_file(str(tmp_path / "straight" / "checkpoints" / "last.safetensors"))
+    b = load_file(str(folder / "last.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_mid_epoch_checkpoint_refuses_another_data_layout_in_one_line(mini_shards, mini_features, tmp_path):
+    config = shipped_config("mmn-tiny")
+    train(config, mini_shards, mini_features, tmp_path / "run", overrides=QUICK, stop_at_step=1)
+    with pytest.raises(ConfigError, match=r"middle of epoch 1 \(step 1\), read with train.num_workers=0"):
+        train(config, mini_shards, mini_features, tmp_path / "run", overrides=QUICK + ["train.num_workers=2"],
+              resume=True)
+
+
+def test_a_time_limit_stops_with_a_checkpoint_that_resumes(mini_shards, mini_features, tmp_path):
+    config = shipped_config("mmn-tiny")
+    result = train(config, mini_shards, mini_features, tmp_path / "run", overrides=QUICK, time_limit=1e-6)
+    assert result.stopped.reason == "the time limit" and result.stopped.step == 1
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.state.pt", weights_only=True)
+    assert (state["step"], state["epoch_done"], state["batches_done"]) == (1, False, 1)
+    assert train(config, mini_shards, mini_features, tmp_path / "run", overrides=QUICK, resume=True).stopped is None
 
 
 def test_resume_without_a_checkpoint_is_an_error(mini_shards, mini_features, tmp_path):
@@ -164,5 +209,5 @@ def test_a_checkpoint_that_cannot_be_written_is_one_clear_error(mini_shards, min
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoint, "save_file", disk_full)
-    with pytest.raises(TrimodalError, match=r"cannot write .*best.safetensors: No space left on device"):
+    with pytest.raises(TrimodalError, match=r"cannot write .*step-\d+.safetensors: No space left on device"):
         train(shipped_config("mmn-tiny"), mini_shards, mini_features, tmp_path / "run", overrides=QUICK)

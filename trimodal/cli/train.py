@@ -9,6 +9,7 @@ import typer
 
 from trimodal.cli.console import console, reporter, say, warn
 from trimodal.cli.tables import recall_table
+from trimodal.signals import RESUMABLE_EXIT
 
 
 def train(
@@ -18,6 +19,9 @@ def train(
     out: Annotated[Path, typer.Option("--out", help="Run folder: checkpoints, metrics, plots.")],
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in OUT from its last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty OUT.")] = False,
+    time_limit: Annotated[str | None, typer.Option(
+        "--time-limit", help="Stop with a checkpoint before this much wall-clock time has passed, e.g. 90m, 4h, "
+                             "1:30:00 or 2-00:00:00 (as SLURM writes it); sets train.max_minutes.")] = None,
     overrides: Annotated[list[str] | None, typer.Argument(help="section.key=value overrides, e.g. train.epochs=5.")] = None,
 ) -> None:
     """Train a retrieval model on the streamed shards + cached features.
@@ -33,12 +37,25 @@ def train(
 
     On several GPUs or nodes, the same command under torchrun (or srun): torchrun --nproc-per-node 8 -m trimodal
     train CONFIG --shards S --features F --out RUN. train.batch_size is the global batch.
+
+    SIGTERM, SIGUSR1, a first Ctrl-C or --time-limit: every rank finishes its step, a checkpoint with the exact
+    data position is written, and mm exits with status 75; --resume continues exactly there. A second Ctrl-C
+    stops at once (the previous checkpoint stays whole).
     """
+    from trimodal.training.stopping import parse_time_limit
     from trimodal.training.trainer import train as run_train
 
+    minutes = parse_time_limit(time_limit) if time_limit is not None else None
     with reporter() as progress:
         result = run_train(config, shards, features, out, resume=resume, overwrite=overwrite,
-                           overrides=overrides or [], reporter=progress, on_start=_say_start)
+                           overrides=overrides or [], reporter=progress, on_start=_say_start, time_limit=minutes)
+    if result.stopped:
+        stop = result.stopped
+        where = (f"at step {stop.step}, batch {stop.batch}/{stop.batches} of epoch {stop.epoch + 1}" if stop.batch
+                 else f"at step {stop.step}, before epoch {stop.epoch + 1}")
+        warn(f"stopped by {stop.reason} {where}; checkpoint in {out / 'checkpoints'}. Resume with: "
+             f"{resume_command(config, shards, features, out, overrides or [], time_limit)}")
+        raise typer.Exit(RESUMABLE_EXIT)
     say(_parameters_line(result.parameters, result.trainable_parameters, result.device, trained=True))
     if result.last_val:
         console.print(recall_table(result.last_val["directions"], title=f"validation, last epoch ({out})"))
@@ -47,6 +64,27 @@ def train(
             f"checkpoints in {out / 'checkpoints'}, plots in {out / 'plots'}")
     else:
         say(f"no validation split in the store: best = last; checkpoints in {out / 'checkpoints'}")
+
+
+def resume_command(config: Path, shards: Path, features: Path, out: Path, overrides: list[str],
+                   time_limit: str | None) -> str:
+    """The command that continues this run where it stopped."""
+    import shlex
+
+    args = ["train", str(config), "--shards", str(shards), "--features", str(features), "--out", str(out),
+            *(["--time-limit", time_limit] if time_limit else []), *overrides, "--resume"]
+    return " ".join([distributed_launcher() or "mm", *map(shlex.quote, args)])
+
+
+def distributed_launcher() -> str | None:
+    """How this process was started when several ranks run it (the resume command is the same launch)."""
+    import os
+
+    if os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("TORCHELASTIC_RESTART_COUNT") is not None:
+        return "torchrun [the same options] -m trimodal"
+    if os.environ.get("SLURM_STEP_NUM_TASKS") and os.environ.get("SLURM_PROCID") is not None:
+        return "srun [the same options] python -m trimodal"
+    return None
 
 
 def _say_start(start) -> None:

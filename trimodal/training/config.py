@@ -176,9 +176,11 @@ def _check_ranges(train: TrainConfig) -> list[str]:
         problems.append("[train] batch_size must be at least 2 (contrastive loss)")
     if train.lr <= 0:
         problems.append("[train] lr must be positive")
-    for key in ("max_steps", "data_streams"):
+    for key in ("max_steps", "data_streams", "checkpoint_every_steps", "checkpoint_every_minutes", "max_minutes"):
         if getattr(train, key) < 0:
             problems.append(f"[train] {key} must be 0 or more")
+    if train.keep_checkpoints < 1:
+        problems.append("[train] keep_checkpoints must be at least 1")
     if train.dist_timeout_s <= 0:
         problems.append("[train] dist_timeout_s must be positive")
     if train.dist_backend not in BACKENDS:

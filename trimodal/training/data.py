@@ -217,6 +217,7 @@ class TrimodalDataset(IterableDataset):
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         # Shared with loader workers, so that persistent workers see set_epoch() of the main process.
         self._epoch = multiprocessing.Value("q", epoch, lock=False)
+        self._start = multiprocessing.Value("q", 0, lock=False)
         self.shuffle_buffer, self.max_audio_frames, self.drop_last = shuffle_buffer, max_audio_frames, drop_last
         # Resolved here, in the main process: a spawned loader worker has no process group to ask.
         group_rank, group_world = position()
@@ -247,9 +248,18 @@ class TrimodalDataset(IterableDataset):
     def epoch(self) -> int:
         return self._epoch.value
 
-    def set_epoch(self, epoch: int) -> None:
-        """Call before iterating an epoch; loader workers, persistent ones included, follow."""
+    @property
+    def start_batch(self) -> int:
+        return self._start.value
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Call before iterating an epoch; loader workers, persistent ones included, follow. `start_batch`
+        continues the epoch at that global batch (a mid-epoch resume): the batches before it are skipped
+        without reading their samples, and the rest come exactly as in an uninterrupted epoch."""
+        if not 0 <= start_batch <= self.batches_per_epoch:
+            raise ConfigError(f"batch {start_batch} is outside the epoch's {self.batches_per_epoch} batches")
         self._epoch.value = epoch
+        self._start.value = start_batch
 
     def plan(self, groups: int, epoch: int | None = None) -> EpochPlan:
         """The epoch's layout for `groups` loader workers (see `sample_order`)."""
@@ -277,25 +287,30 @@ class TrimodalDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         rank, world, worker, workers = self._position()
-        epoch = self.epoch
+        epoch, start = self.epoch, self.start_batch
         plan = self.plan(workers, epoch)
         mine = rank_streams(self.streams, rank, world)
-        readers = {q: self._stream_items(plan.pieces[(worker, q)], epoch, worker * self.streams + q) for q in mine}
-        for batch in plan.group_batches(worker):
+        # A DataLoader asks its workers in turn from worker 0, so the worker that makes batch `start` is
+        # worker 0: group g is made by worker (g - start) mod G.
+        group = (worker + start) % workers
+        skipped = [b for b in plan.group_batches(group) if b < start]
+        readers = {q: self._stream_items(plan.pieces[(group, q)], epoch, group * self.streams + q,
+                                         skip=sum(plan.rows(b, q) for b in skipped)) for q in mine}
+        for batch in plan.group_batches(group)[len(skipped):]:
             items = []
             for q in mine:
                 items.extend(itertools.islice(readers[q], plan.rows(batch, q)))
             yield collate(items, self.modalities)
 
-    def _stream_items(self, pieces: list[Piece], epoch: int, stream: int) -> Iterator[Item]:
-        """One stream's samples in its order; each piece's features are read when first needed and dropped
-        after their last sample."""
+    def _stream_items(self, pieces: list[Piece], epoch: int, stream: int, skip: int = 0) -> Iterator[Item]:
+        """One stream's samples in its order, from its `skip`-th on; each piece's features are read when
+        first needed and dropped after their last sample (the order is indices: skipping reads nothing)."""
         rng = np.random.default_rng([self.seed, epoch, stream]) if self.shuffle else None
         order = stream_order(pieces, buffer=self.shuffle_buffer, rng=rng)
         last_use = {number: position for position, (number, _) in enumerate(order)}
         loaded: dict[int, tuple[ShardFeatures, np.ndarray]] = {}
         fallback = _TarFallback(self.sources.text_spec) if not all(self.from_store.values()) else None
-        for position, (number, row) in enumerate(order):
+        for position, (number, row) in itertools.islice(enumerate(order), skip, None):
             if number not in loaded:
                 loaded[number] = self._load(pieces[number], epoch, fallback)
             features, draws = loaded[number]

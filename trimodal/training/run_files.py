@@ -10,9 +10,9 @@ from importlib import metadata
 from pathlib import Path
 
 from trimodal import __version__
+from trimodal.atomic import write_jsonl
 from trimodal.training.config import RunConfig, dump_toml
 from trimodal.training.optimization import flatten
-from trimodal.training.plots import read_metrics
 
 
 class RunLog:
@@ -60,10 +60,20 @@ class RunLog:
             self._writer.close()
 
 
-def truncate_metrics(path: Path, last_epoch: int) -> None:
-    """Drop what an interrupted epoch logged after the checkpoint we resume from."""
-    kept = [r for r in read_metrics(path) if r["epoch"] <= last_epoch]
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+def truncate_metrics(path: Path, epoch: int, step: int, epoch_done: bool) -> None:
+    """Drop what an interrupted run logged after the checkpoint we resume from (at `step` of `epoch`, its end
+    when `epoch_done`), a line cut short by a kill included."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record["step"] <= step and (record["type"] == "train" or record["epoch"] < epoch or epoch_done):
+            kept.append(record)
+    write_jsonl(path, kept)
 
 
 def versions() -> dict:

@@ -38,6 +38,15 @@ class TrainConfig:
     # sample order is a function of (seed, epoch, data_streams, num_workers): a run continued on any number
     # of ranks that divides data_streams reads the same global batches (see trimodal.training.sample_order).
     data_streams: int = 0
+    # Checkpoints between epoch ends (0: none): every this many optimizer steps and/or minutes, each holding
+    # the exact data position, so that --resume continues mid-epoch as if never stopped. The
+    # `keep_checkpoints` newest stay in checkpoints/ (step-<N>.*), besides last.* and best.*.
+    checkpoint_every_steps: int = 0
+    checkpoint_every_minutes: float = 0.0
+    keep_checkpoints: int = 1
+    # A wall-clock budget for this invocation (0: none; `mm train --time-limit` sets it): the run stops with
+    # a checkpoint before it runs out, leaving time for the checkpoint (see trimodal.training.stopping).
+    max_minutes: float = 0.0
     # Under torchrun: how long a rank waits for the others in one collective before the job ends with an
     # error (a rank that died or stalls); and the backend (auto: nccl on CUDA, gloo on the CPU).
     dist_timeout_s: float = 600.0

@@ -32,7 +32,8 @@ from trimodal.errors import ConfigError, TrimodalError
 from trimodal.features.audio import MelConfig
 from trimodal.features.store import audio_layout
 from trimodal.progress import SILENT, Reporter
-from trimodal.training.checkpoint import load_state, load_weights, save_state, save_weights
+from trimodal.signals import StopRequests, ignore_stop_signals
+from trimodal.training.checkpoint import load_weights, read_checkpoint, save_checkpoint
 from trimodal.training.config import RunConfig, load_config
 from trimodal.training.data import TrimodalDataset, check_shared_memory, load_split, loader_failure, open_sources
 from trimodal.training.evaluate import evaluate_split, mean_recall
@@ -42,6 +43,7 @@ from trimodal.training.optimization import Optimization
 from trimodal.training.plots import plot_run
 from trimodal.training.run_files import RunLog, truncate_metrics, write_resolved_config
 from trimodal.training.settings import TrainConfig
+from trimodal.training.stopping import Stop, StepBoundary
 
 CHECKPOINTS = "checkpoints"
 
@@ -60,6 +62,7 @@ class TrainResult:
     trainable_parameters: int | None = None
     world_size: int = 1
     samples_seen: int = 0  # by all ranks together, inside the training epochs
+    stopped: Stop | None = None  # where a signal or the time limit stopped the run (checkpoint written)
 
 
 @dataclass
@@ -122,21 +125,32 @@ def prepare_run_dir(run: Path, *, resume: bool, overwrite: bool) -> None:
 
 def train(config_path: Path, shards: Path, features: Path, out: Path, *, resume: bool = False,
           overwrite: bool = False, overrides: list[str] = (), reporter: Reporter = SILENT,
-          stop_after_epoch: int | None = None, on_start=None) -> TrainResult:
+          stop_after_epoch: int | None = None, stop_at_step: int | None = None, time_limit: float | None = None,
+          on_start=None) -> TrainResult:
     """Train the model of `config_path` into the run folder `out`, in this process or, under torchrun or
-    srun, as one rank of many. `stop_after_epoch` ends the run after that epoch's checkpoint, as an
-    interruption at an epoch boundary would (tests use it). `on_start(RunStart)` is told the model's size
-    and the batch layout before the first step."""
+    srun, as one rank of many. `on_start(RunStart)` is told the model's size and the batch layout before
+    the first step.
+
+    SIGTERM, SIGUSR1 and a first Ctrl-C stop the run after the current step with a checkpoint to resume
+    from, as does `time_limit` (minutes; `train.max_minutes`): the result's `stopped` says where. Tests
+    stop a run the same ways with `stop_at_step` (after that optimizer step) and `stop_after_epoch` (after
+    that epoch's checkpoint)."""
+    started = time.monotonic()
     config = load_config(config_path, list(overrides))
     settings = config.train
-    with distributed.session(settings.device, backend=settings.dist_backend, timeout_s=settings.dist_timeout_s) as dist:
-        return _train(config, Path(shards).resolve(), Path(features).resolve(), Path(out), dist, resume=resume,
-                      overwrite=overwrite, reporter=reporter if dist.main else SILENT,
+    if time_limit is not None:
+        settings.max_minutes = time_limit
+    with StopRequests() as requests, distributed.session(settings.device, backend=settings.dist_backend,
+                                                         timeout_s=settings.dist_timeout_s) as dist:
+        boundary = StepBoundary(settings, dist, requests, started, stop_at_step)
+        return _train(config, Path(shards).resolve(), Path(features).resolve(), Path(out), dist, boundary,
+                      resume=resume, overwrite=overwrite, reporter=reporter if dist.main else SILENT,
                       stop_after_epoch=stop_after_epoch, on_start=on_start if dist.main else None)
 
 
-def _train(config: RunConfig, shards: Path, features: Path, run: Path, dist: distributed.Dist, *, resume: bool,
-           overwrite: bool, reporter: Reporter, stop_after_epoch: int | None, on_start) -> TrainResult:
+def _train(config: RunConfig, shards: Path, features: Path, run: Path, dist: distributed.Dist,
+           boundary: StepBoundary, *, resume: bool, overwrite: bool, reporter: Reporter,
+           stop_after_epoch: int | None, on_start) -> TrainResult:
     settings = config.train
     val_split = settings.val_split
     sources = open_sources(shards, features, ["train"])
@@ -158,6 +172,8 @@ def _train(config: RunConfig, shards: Path, features: Path, run: Path, dist: dis
     distributed.on_main(lambda: prepare_run_dir(run, resume=resume, overwrite=overwrite), "preparing the run folder")
     state = distributed.on_main(lambda: _read_state(run) if resume else None, "reading the checkpoint")
     streams, notes = _data_streams(settings, dist.world_size, state)
+    if state is not None and not state.get("epoch_done", True):
+        notes += _mid_epoch_notes(state, settings, dist.world_size, streams)
     model.to(dist.device)
     parameters, trainable = parameter_counts(model)
     frames = max_audio_frames(settings, sources.store.config)
@@ -165,30 +181,38 @@ def _train(config: RunConfig, shards: Path, features: Path, run: Path, dist: dis
                               shuffle=True, seed=settings.seed, shuffle_buffer=settings.shuffle_buffer,
                               max_audio_frames=frames, drop_last=True, rank=dist.rank, world_size=dist.world_size,
                               streams=streams, accumulation=settings.grad_accum, inputs=model.store_inputs())
-    steps_per_epoch = dataset.batches_per_epoch // settings.grad_accum
+    batches = dataset.batches_per_epoch
+    steps_per_epoch = batches // settings.grad_accum
     if steps_per_epoch < 1:
         raise ConfigError(f"the training split has {dataset.samples} samples, too few for one step of "
                           f"{settings.batch_size} × {settings.grad_accum} (batch × accumulation); lower train.batch_size")
     total_steps = steps_per_epoch * settings.epochs
     total_steps = min(total_steps, settings.max_steps) if settings.max_steps else total_steps
     dropped = dataset.plan(1).dropped  # the same for any number of loader workers
-    if on_start is not None:
-        on_start(RunStart(parameters, trainable, str(dist.device), dist.world_size, settings.batch_size, rows,
-                          steps_per_epoch, dropped, streams, notes))
     # Persistent workers: no new processes (and store opening) every epoch; they follow set_epoch(). The
-    # loader draws its worker seeds from its own generator, not the global RNG that dropout uses.
+    # loader draws its worker seeds from its own generator, not the global RNG that dropout uses. Stop
+    # signals are the main process's: a worker ignores them and ends when the loader ends it.
     loader = DataLoader(dataset, batch_size=None, num_workers=settings.num_workers,
                         pin_memory=dist.device.type == "cuda", persistent_workers=settings.num_workers > 0,
-                        generator=torch.Generator().manual_seed(settings.seed))
+                        generator=torch.Generator().manual_seed(settings.seed),
+                        worker_init_fn=ignore_stop_signals if settings.num_workers > 0 else None)
     val_data = load_split(sources, val_split, settings.modalities, frames, model.store_inputs()) if has_val else None
     optimization = model.make_optimization(settings, total_steps)
 
-    start_epoch, step, best, best_epoch = 0, 0, -1.0, None
+    start_epoch, start_batch, step, best, best_epoch, running = 0, 0, 0, -1.0, None, {}
     if state is not None:
         # Rank 0 reads the weights; the other ranks receive them when DDP starts (it broadcasts rank 0's).
-        distributed.on_main(lambda: _resume_files(run, model, state["epoch"]), "reading the checkpoint")
+        distributed.on_main(lambda: _resume_files(run, model, state), "reading the checkpoint")
         optimization.load_state_dict(state.get("optimization") or {"optimizer": state["optimizer"]})
-        start_epoch, step, best, best_epoch = state["epoch"] + 1, state["step"], state["best"], state.get("best_epoch")
+        step, best, best_epoch = state["step"], state["best"], state.get("best_epoch")
+        if state.get("epoch_done", True):
+            start_epoch = state["epoch"] + 1
+        else:
+            start_epoch, start_batch = state["epoch"], state["batches_done"]
+            running = {k: v.to(dist.device) if torch.is_tensor(v) else v for k, v in state["running"].items()}
+    if on_start is not None:
+        on_start(RunStart(parameters, trainable, str(dist.device), dist.world_size, settings.batch_size, rows,
+                          steps_per_epoch, dropped, streams, notes))
     step_loss = _wrap(StepLoss(model, settings.modalities, settings.amp), dist)
     opened = {}
 
@@ -202,50 +226,103 @@ def _train(config: RunConfig, shards: Path, features: Path, run: Path, dist: dis
 
     distributed.on_main(open_run_files, "writing config.resolved.toml")
     log = opened.get("log") or RunLog(run, enabled=False)
-    last_val, train_seconds, train_steps, seen = None, 0.0, 0, 0
+
+    def progress(epoch: int, step: int) -> dict:
+        return {"optimization": optimization.state_dict(), "epoch": epoch, "step": step, "best": best,
+                "best_epoch": best_epoch, "data_streams": streams, "num_workers": settings.num_workers,
+                "world_size": dist.world_size}
+
+    def checkpoint(epoch: int, step: int, done: int, running: dict) -> None:
+        """A mid-epoch checkpoint: every rank's random state gathered, rank 0 writes."""
+        began = time.monotonic()
+        randoms = distributed.all_gather_object(random_states(dist.device))
+        state = {**progress(epoch, step), "epoch_done": False, "batches_done": done, "random": randoms,
+                 "running": {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in running.items()}}
+        distributed.on_main(lambda: save_checkpoint(run / CHECKPOINTS, model, state, keep=settings.keep_checkpoints),
+                            "writing a checkpoint")
+        boundary.checkpointed(time.monotonic() - began)
+
+    last_val, train_seconds, train_steps, seen, stopped = None, 0.0, 0, 0, None
     try:
         for epoch in range(start_epoch, settings.epochs):
             if settings.max_steps and step >= settings.max_steps:
                 break
-            dataset.set_epoch(epoch)
-            _seed_epoch(settings.seed, epoch, dist.rank)
+            first = start_batch if epoch == start_epoch else 0
+            dataset.set_epoch(epoch, first)
+            if first:
+                _restore_random(state, settings.seed, epoch, step, dist)
+            else:
+                _seed_epoch(settings.seed, epoch, dist.rank)
+                running = {}
             stage = enter_stage(model, settings, epoch)
-            started, first_step = time.monotonic(), step
-            step, rows_seen = _train_epoch(step_loss, model, loader, optimization, settings, dist, epoch, step,
-                                           dataset.batches_per_epoch, log, reporter, stage)
-            train_seconds, train_steps = train_seconds + time.monotonic() - started, train_steps + step - first_step
-            seen += rows_seen * dist.world_size
+            began, first_step = time.monotonic(), step
+            boundary.restart_clock()
+            outcome = _train_epoch(step_loss, model, loader, optimization, settings, dist, epoch, step, batches, log,
+                                   reporter, stage, first_batch=first, running=running, boundary=boundary,
+                                   checkpoint=lambda step, done, running: checkpoint(epoch, step, done, running))
+            step = outcome.step
+            train_seconds, train_steps = train_seconds + time.monotonic() - began, train_steps + step - first_step
+            seen += outcome.rows * dist.world_size
+            if outcome.stopped:
+                checkpoint(epoch, step, outcome.done, outcome.running)
+                stopped = Stop(outcome.stopped, epoch, step, outcome.done, batches)
+                break
             record = {"type": "val", "epoch": epoch, "step": step, **({"stage": stage["name"]} if stage else {})}
+            began = time.monotonic()
             if val_data is not None:
                 record["directions"] = evaluate_split(model, val_data, dist.device, settings.eval_batch_size)
                 record["mean_recall"] = mean_recall(record["directions"])
                 last_val = record
+            boundary.validated(time.monotonic() - began)
             optimization.end_epoch(record.get("mean_recall"))
             score = record.get("mean_recall", epoch)
             # With stages, the best checkpoint comes from the last one: earlier stages train a partial model.
             improved = score > best and epoch >= settings.last_stage_start()
             if improved:
                 best, best_epoch = score, epoch
-            end_state = {"optimization": optimization.state_dict(), "epoch": epoch, "step": step, "best": best,
-                         "best_epoch": best_epoch, "data_streams": streams, "num_workers": settings.num_workers,
-                         "world_size": dist.world_size}
-            distributed.on_main(lambda: _end_epoch(run, model, log, record, end_state, improved), "writing checkpoints")
+            end_state = {**progress(epoch, step), "epoch_done": True}
+            began = time.monotonic()
+            distributed.on_main(lambda: _end_epoch(run, model, log, record, end_state, improved,
+                                                   settings.keep_checkpoints), "writing checkpoints")
+            boundary.checkpointed(time.monotonic() - began)
             if stop_after_epoch is not None and epoch >= stop_after_epoch:
+                break
+            more = epoch + 1 < settings.epochs and not (settings.max_steps and step >= settings.max_steps)
+            reason = boundary.stop_between_epochs() if more else None
+            if reason:
+                stopped = Stop(reason, epoch + 1, step, 0, batches)
                 break
     finally:
         log.close()
     return TrainResult(run, parameters, str(dist.device), settings.epochs - start_epoch, best_epoch,
                        best if best_epoch is not None and val_data is not None else None, last_val,
-                       train_seconds, train_steps, trainable, dist.world_size, seen)
+                       train_seconds, train_steps, trainable, dist.world_size, seen, stopped)
 
 
 def _read_state(run: Path) -> dict:
-    return load_state(run / CHECKPOINTS / "last.state.pt")
+    state, weights = read_checkpoint(run / CHECKPOINTS)
+    return {**state, "weights_path": str(weights)}
 
 
-def _resume_files(run: Path, model: Family, epoch: int) -> None:
-    load_weights(model, run / CHECKPOINTS / "last.safetensors")
-    truncate_metrics(run / "metrics.jsonl", epoch)  # what an interrupted epoch logged after the checkpoint
+def _resume_files(run: Path, model: Family, state: dict) -> None:
+    load_weights(model, Path(state["weights_path"]))
+    # What an interrupted run logged after the checkpoint.
+    truncate_metrics(run / "metrics.jsonl", state["epoch"], state["step"], state.get("epoch_done", True))
+
+
+def _mid_epoch_notes(state: dict, settings: TrainConfig, world_size: int, streams: int) -> list[str]:
+    """A mid-epoch checkpoint continues only with the data layout it was written with; what else changes."""
+    where = f"the checkpoint is in the middle of epoch {state['epoch'] + 1} (step {state['step']})"
+    if state.get("num_workers", settings.num_workers) != settings.num_workers:
+        raise ConfigError(f"{where}, read with train.num_workers={state['num_workers']}; resume with that setting "
+                          "(it decides the epoch's sample order)")
+    if state["data_streams"] != streams:
+        raise ConfigError(f"{where}, read as {state['data_streams']} data streams, which {world_size} ranks cannot "
+                          f"share; resume on a number of ranks that divides {state['data_streams']}")
+    if len(state["random"]) != world_size:
+        return [f"the run was stopped on {len(state['random'])} rank(s) and continues on {world_size}: the global "
+                "sample order is the same, the random streams (dropout) start afresh from here"]
+    return []
 
 
 def _data_streams(settings: TrainConfig, world_size: int, state: dict | None) -> tuple[int, list[str]]:
@@ -253,14 +330,15 @@ def _data_streams(settings: TrainConfig, world_size: int, state: dict | None) ->
     run on a world size that does not) the world size, from this epoch on. And what a resumed run changed
     of its global sample order."""
     notes = []
-    if state is not None and state.get("num_workers", settings.num_workers) != settings.num_workers:
+    mid_epoch = state is not None and not state.get("epoch_done", True)
+    if not mid_epoch and state is not None and state.get("num_workers", settings.num_workers) != settings.num_workers:
         notes.append(f"the run read its data with {state['num_workers']} loader worker(s), now {settings.num_workers}: "
                      "the global sample order changes from this epoch on")
     if state is None and settings.data_streams % world_size:
         raise ConfigError(f"train.data_streams = {settings.data_streams} cannot be shared by {world_size} ranks: make it "
                           "a multiple of the number of ranks (or 0, the number of ranks)")
     started = (state or {}).get("data_streams") or settings.data_streams or world_size
-    if started % world_size == 0:
+    if started % world_size == 0 or mid_epoch:  # mid-epoch: _mid_epoch_notes refuses a change
         return started, notes
     return world_size, notes + [f"the run read {started} data stream(s), which {world_size} ranks cannot share; from "
                                 f"this epoch on it reads {world_size} (the global sample order changes from here)"]
@@ -279,16 +357,12 @@ def _wrap(step_loss: StepLoss, dist: distributed.Dist):
                                        find_unused_parameters=True)
 
 
-def _end_epoch(run: Path, model: Family, log: RunLog, record: dict, state: dict, improved: bool) -> None:
+def _end_epoch(run: Path, model: Family, log: RunLog, record: dict, state: dict, improved: bool, keep: int) -> None:
     """Rank 0's part of an epoch's end: records, checkpoints (atomic), plots."""
     log.val_record(record)
     for extra in model.epoch_records():
         log.record({"epoch": record["epoch"], "step": record["step"], **extra})
-    meta = {"epoch": record["epoch"], "step": record["step"]}
-    if improved:
-        save_weights(model, run / CHECKPOINTS / "best.safetensors", meta)
-    save_weights(model, run / CHECKPOINTS / "last.safetensors", meta)
-    save_state(run / CHECKPOINTS / "last.state.pt", state)
+    save_checkpoint(run / CHECKPOINTS, model, state, keep=keep, best=improved)
     plot_run(run, model)
 
 
@@ -323,21 +397,35 @@ class StepLoss(torch.nn.Module):
         return self.family.training_loss(latents, present, weights)
 
 
+@dataclass
+class EpochOutcome:
+    step: int  # reached
+    rows: int  # this rank trained on
+    done: int  # global batches of the epoch done (the skipped ones of a resumed epoch included)
+    running: dict  # the sums of the training record being gathered
+    stopped: str | None = None  # why the epoch ended early (a signal, the time limit)
+
+
 def _train_epoch(step_loss, model: Family, loader, optimization: Optimization, settings: TrainConfig,
                  dist: distributed.Dist, epoch: int, step: int, batches: int, log: RunLog, reporter: Reporter,
-                 stage: dict | None = None) -> tuple[int, int]:
-    """One epoch's steps; returns the step reached and the rows this rank trained on."""
+                 stage: dict | None = None, *, first_batch: int = 0, running: dict | None = None,
+                 boundary: StepBoundary | None = None, checkpoint=None) -> EpochOutcome:
+    """One epoch's steps from global batch `first_batch` on. After every optimizer step `boundary` says
+    whether to stop (the epoch ends there) and whether `checkpoint(step, batches_done, running)` is due."""
     model.train()
     device = dist.device
-    started, seen, pending = time.monotonic(), 0, 0
-    running: dict = {}
+    started, seen, pending, done, stopped = time.monotonic(), 0, 0, first_batch, None
+    running = dict(running or {})
     weights = stage_weights(settings, stage)
     label = f"epoch {epoch + 1}/{settings.epochs}" + (f" ({stage['name']})" if stage else "")
     rows = settings.batch_size // dist.world_size
     with reporter.task(label, total=batches * settings.batch_size, unit="samples") as task:
-        for batch in _batches(loader):
+        if first_batch:
+            task.update(completed=first_batch * settings.batch_size)
+        for batch in _batches(loader) if first_batch < batches else ():
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             pending += 1
+            done += 1
             # Gradients are all-reduced once per optimizer step, not on accumulation steps.
             syncing = pending == settings.grad_accum or not dist.enabled
             with (nullcontext() if syncing else step_loss.no_sync()), distributed.collective("a training step"):
@@ -347,27 +435,35 @@ def _train_epoch(step_loss, model: Family, loader, optimization: Optimization, s
             for name, value in {"loss": loss, **parts}.items():  # summed on the device: no sync per step
                 running[name] = running.get(name, 0.0) + value.detach()
             running["batches"] = running.get("batches", 0) + 1
-            if pending == settings.grad_accum:
-                with distributed.collective("an optimizer step"):
-                    step = optimization.step(step, loss)
-                model.after_optimizer_step()
-                pending = 0
-                if step % settings.log_every == 0 and dist.main:
-                    _log_train(log, running, epoch, step, optimization,
-                               seen * dist.world_size / (time.monotonic() - started), model, stage)
-                if step % settings.log_every == 0:
-                    running = {}
-                if settings.max_steps and step >= settings.max_steps:
-                    break
             task.advance(len(batch["keys"]) * dist.world_size)
             if dist.main and _note_due(seen, rows):
                 task.update(description=f"{label} loss {float(loss.detach()):.3f}")
-    expected = (batches if not settings.max_steps or step < settings.max_steps else seen // rows) * rows
-    if seen < expected:
+            if pending < settings.grad_accum:
+                continue
+            with distributed.collective("an optimizer step"):
+                step = optimization.step(step, loss)
+            model.after_optimizer_step()
+            pending = 0
+            if step % settings.log_every == 0 and dist.main:
+                _log_train(log, running, epoch, step, optimization,
+                           seen * dist.world_size / (time.monotonic() - started), model, stage)
+            if step % settings.log_every == 0:
+                running = {}
+            if settings.max_steps and step >= settings.max_steps:
+                break
+            if boundary is not None:
+                stopped, due = boundary.at_step(step, epoch_ends_next=done + settings.grad_accum >= batches)
+                if stopped:
+                    break
+                if due and done < batches:
+                    checkpoint(step, done, running)
+    ended = stopped or (settings.max_steps and step >= settings.max_steps)
+    expected = (batches - first_batch) * rows
+    if not ended and seen < expected:
         raise TrimodalError(f"epoch {epoch + 1} saw {seen} of its {expected} training samples on rank {dist.rank}: "
                             "the data loader lost batches (its workers' errors are above); if they could not use "
                             "shared memory, enlarge /dev/shm or set train.num_workers=0")
-    return step, seen
+    return EpochOutcome(step, seen, done, running, stopped)
 
 
 def _batches(loader):
@@ -397,6 +493,35 @@ def _log_train(log: RunLog, running: dict, epoch: int, step: int, optimization: 
     log.train_record({"type": "train", "epoch": epoch, "step": step, **({"stage": stage["name"]} if stage else {}),
                       "lr": optimization.lr, "loss": means.pop("loss"), "losses": means, "samples_per_s": samples_per_s,
                       "temperature": float(1 / model.logit_scale.detach().exp()), **optimization.log_record()})
+
+
+def random_states(device: torch.device) -> dict:
+    """This process's random generators (python, numpy, torch CPU and CUDA), as a weights-only-loadable dict.
+    Loader workers draw nothing from theirs: every draw of the data path comes from (seed, epoch, shard)."""
+    version, keys, gauss = random.getstate()
+    name, numpy_keys, position, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(keys), gauss], "torch": torch.get_rng_state(),
+             "numpy": [name, numpy_keys.tolist(), int(position), int(has_gauss), float(cached)]}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _restore_random(state: dict, seed: int, epoch: int, step: int, dist: distributed.Dist) -> None:
+    """This rank's random generators as the checkpoint saved them; on another number of ranks, fresh ones
+    from (seed, epoch, step, rank)."""
+    saved = state["random"]
+    if len(saved) != dist.world_size:
+        _seed_everything(int(np.random.SeedSequence([seed, epoch, step, dist.rank]).generate_state(1)[0]))
+        return
+    mine = saved[dist.rank]
+    version, keys, gauss = mine["python"]
+    random.setstate((version, tuple(keys), gauss))
+    name, numpy_keys, position, has_gauss, cached = mine["numpy"]
+    np.random.set_state((name, np.asarray(numpy_keys, dtype=np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(mine["torch"])
+    if dist.device.type == "cuda" and "cuda" in mine:
+        torch.cuda.set_rng_state(mine["cuda"], dist.device)
 
 
 def _seed_everything(seed: int) -> None:
