@@ -7,7 +7,8 @@
 loss and gradients on the first global batch (rank 0 writes OUT/<family>/step.pt), then a short training
 run into OUT/<family>/run through the real trainer, all in one process group.
 
-    ... train SPEC.json     # one `train()` call: {"config", "shards", "store", "out", "overrides", "stop_after_epoch"}
+    ... train SPEC.json     # one `train()` call: {"config", "shards", "store", "out", "overrides", "resume",
+                            #                      "stop_after_epoch", "stop_at_step"}
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def families(spec_file: str, out: str) -> None:
 def one_run(spec_file: str) -> None:
     spec = json.loads(Path(spec_file).read_text())
     train(Path(spec["config"]), Path(spec["shards"]), Path(spec["store"]), Path(spec["out"]),
-          overrides=spec["overrides"], resume=spec.get("resume", False), stop_after_epoch=spec.get("stop_after_epoch"))
+          overrides=spec["overrides"], resume=spec.get("resume", False), stop_after_epoch=spec.get("stop_after_epoch"),
+          stop_at_step=spec.get("stop_at_step"))
 
 
 if __name__ == "__main__":

@@ -130,15 +130,33 @@ def test_five_shards_on_two_ranks_with_two_workers_take_equal_steps_and_eval_mat
     assert distributed["directions"] == alone["directions"]
 
 
-def test_a_two_rank_run_resumes_on_one_process_with_the_same_global_order(three_shards, tmp_path):
+def test_a_two_rank_run_stopped_mid_epoch_resumes_bit_exactly_on_two_ranks(three_shards, tmp_path):
+    """With dropout: every rank's random state is in the checkpoint."""
+    shards, store = three_shards
+    overrides = [o for o in QUICK if "dropout" not in o] + ["train.epochs=2", "train.num_workers=1", "model.dropout=0.2"]
+    straight, run = tmp_path / "straight", tmp_path / "stopped"
+    succeeded(torchrun(WORKER, "train", _run_spec(tmp_path, shards, store, straight, overrides)))
+    succeeded(torchrun(WORKER, "train", _run_spec(tmp_path, shards, store, run, overrides, stop_at_step=11)))
+    state = torch.load(run / "checkpoints" / "last.state.pt", weights_only=True)
+    assert (state["epoch"], state["step"], state["batches_done"], len(state["random"])) == (1, 11, 3, 2)
+    succeeded(torchrun(WORKER, "train", _run_spec(tmp_path, shards, store, run, overrides, resume=True)))
+    a = load_file(str(straight / "checkpoints" / "last.safetensors"))
+    b = load_file(str(run / "checkpoints" / "last.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_two_rank_run_stopped_mid_epoch_resumes_on_one_process_with_the_same_global_order(three_shards, tmp_path):
     from trimodal.training.trainer import train
 
     shards, store = three_shards
     overrides = QUICK + ["train.epochs=2", "train.num_workers=0", "train.data_streams=2"]
     run = tmp_path / "two-then-one"
-    succeeded(torchrun(WORKER, "train", _run_spec(tmp_path, shards, store, run, overrides, stop_after_epoch=0)))
-    resumed = train(shipped_config("mmn-tiny"), shards, store, run, overrides=overrides, resume=True)
-    assert resumed.world_size == 1 and resumed.epochs_run == 1
+    succeeded(torchrun(WORKER, "train", _run_spec(tmp_path, shards, store, run, overrides, stop_at_step=3)))
+    notes = []
+    resumed = train(shipped_config("mmn-tiny"), shards, store, run, overrides=overrides, resume=True,
+                    on_start=lambda start: notes.extend(start.notes))
+    assert resumed.world_size == 1 and resumed.train_steps == 16 - 3
+    assert any("the global sample order is the same" in note for note in notes)
     straight = tmp_path / "one"
     train(shipped_config("mmn-tiny"), shards, store, straight, overrides=overrides)
     a = load_file(str(straight / "checkpoints" / "last.safetensors"))
@@ -172,6 +190,27 @@ def _training_on_two_ranks(shards, features, run: Path, *overrides):
     wait_for(lambda: (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").stat().st_size > 0, 180,
              "the first training records")
     return launcher, ranks
+
+
+def test_sigterm_to_the_job_stops_both_ranks_at_one_step_with_a_checkpoint_that_resumes(mini_shards, mini_features,
+                                                                                        tmp_path):
+    """As SLURM stops a job: SIGTERM to every process (torchrun, the ranks, their loader workers)."""
+    run = tmp_path / "run"
+    launcher, ranks = _training_on_two_ranks(mini_shards, mini_features, run, "train.num_workers=1")
+    os.killpg(launcher.pid, signal.SIGTERM)
+    signalled = time.monotonic()
+    output, _ = launcher.communicate(timeout=120)
+    state = torch.load(run / "checkpoints" / "last.state.pt", weights_only=True)
+    assert time.monotonic() - signalled < 30  # torchrun's own grace period before it kills its ranks
+    assert output.count("stopped by SIGTERM at step") == 1, output[-3000:]  # rank 0's line
+    assert f"at step {state['step']}, batch {state['batches_done']}/" in output
+    assert "--resume" in output and "DataLoader worker" not in output
+    assert not state["epoch_done"] and len(state["random"]) == 2 and state["world_size"] == 2
+    result = mm_torchrun("train", shipped_config("mmn-tiny"), "--shards", mini_shards, "--features", mini_features,
+                         "--out", run, "train.epochs=50", "train.num_workers=1", f"train.max_steps={state['step'] + 2}",
+                         "--resume")
+    succeeded(result)
+    assert torch.load(run / "checkpoints" / "last.state.pt", weights_only=True)["step"] == state["step"] + 2
 
 
 def test_a_killed_rank_ends_the_job_with_an_error_in_bounded_time(mini_shards, mini_features, tmp_path):

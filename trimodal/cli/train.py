@@ -50,6 +50,10 @@ def train(
         result = run_train(config, shards, features, out, resume=resume, overwrite=overwrite,
                            overrides=overrides or [], reporter=progress, on_start=_say_start, time_limit=minutes)
     if result.stopped:
+        from trimodal.distributed import launched_rank
+
+        if launched_rank() > 0:  # rank 0 says it for all
+            raise typer.Exit(RESUMABLE_EXIT)
         stop = result.stopped
         where = (f"at step {stop.step}, batch {stop.batch}/{stop.batches} of epoch {stop.epoch + 1}" if stop.batch
                  else f"at step {stop.step}, before epoch {stop.epoch + 1}")

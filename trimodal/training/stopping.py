@@ -45,7 +45,9 @@ def parse_time_limit(text: str) -> float:
                 minutes = float(value[:-1]) * scale
                 break
         else:
-            days, _, clock = value.rpartition("-")
+            days, dash, clock = value.rpartition("-")
+            if dash and not days:
+                raise ValueError(value)
             parts = [float(p) for p in clock.split(":")]
             if days:  # D-HH, D-HH:MM, D-HH:MM:SS
                 parts += [0.0] * (3 - len(parts))
