@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -26,12 +27,15 @@ class Request:
 class ArchiveServer:
     """Serves `files` on 127.0.0.1. `rules[path]` scripts misbehaviour:
     cut_once (send half the body, then hang up, once), ignore_range, redirect (to another path),
-    fail (list of statuses answered before serving the file)."""
+    fail (list of statuses answered before serving the file), stall_once (send half the body, set
+    `stalled`, and wait for `release`, once)."""
 
     files: dict[str, bytes] = field(default_factory=dict)
     rules: dict[str, dict] = field(default_factory=dict)
     log: list[Request] = field(default_factory=list)
     port: int = 0
+    stalled: threading.Event = field(default_factory=threading.Event)  # stall_once: half sent, waiting
+    release: threading.Event = field(default_factory=threading.Event)  # ends a stall_once answer
 
     @property
     def url(self) -> str:
@@ -69,6 +73,12 @@ def _handler(server: ArchiveServer):
             if rule.get("cut_once"):
                 rule["cut_once"] = False
                 body = body[: len(body) // 2]
+            if rule.get("stall_once"):
+                rule["stall_once"] = False
+                self._answer(status, body[: len(body) // 2], headers)
+                server.stalled.set()
+                server.release.wait(60)
+                return
             self._answer(status, body, headers)
 
         def _answer(self, status, body=b"", headers=None):
@@ -90,7 +100,10 @@ def http_server():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(server))
     server.port = httpd.server_address[1]
     with serving(httpd):
-        yield server
+        try:
+            yield server
+        finally:
+            server.release.set()  # a stalled answer ends before the server shuts down
 
 
 def _synthesized(name: str, tmp_path_factory) -> Path:

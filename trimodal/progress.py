@@ -13,14 +13,14 @@ class Task:
                description: str | None = None) -> None:
         pass
 
-    def close(self) -> None:
-        pass
+    def close(self, finished: bool = True) -> None:
+        """The work ended: done (`finished`), or cut short by an error or a stop signal."""
 
     def __enter__(self) -> "Task":
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, kind, error, traceback) -> None:
+        self.close(finished=kind is None)
 
 
 class Reporter:

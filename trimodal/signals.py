@@ -2,11 +2,12 @@
 
 Two ways to stop, one per kind of work:
 
-- `raise_on_stop_signals()`: SIGTERM and SIGUSR1 raise `Stopped` where the program is, as Ctrl-C raises
-  KeyboardInterrupt, so that `finally` blocks and atomic writes clean up and what was complete stays
-  complete (download, shard, featurize: a rerun finishes the job).
+- `raise_on_stop_signals()`: SIGTERM, SIGUSR1 and Ctrl-C raise `Stopped` where the program is, so that
+  `finally` blocks and atomic writes clean up and what was complete stays complete (download, shard,
+  featurize: a rerun finishes the job). `Stopped` is a BaseException, as KeyboardInterrupt is, so that no
+  `except Exception` on the way swallows it.
 - `StopRequests`: a training loop asks `requested` at its step boundaries instead; the first SIGTERM,
-  SIGUSR1 or Ctrl-C only sets it, a second Ctrl-C raises KeyboardInterrupt at once.
+  SIGUSR1 or Ctrl-C only sets it, a second Ctrl-C raises `Stopped` at once.
 
 Both only work in the main thread (Python delivers signals there) and restore the previous handlers.
 """
@@ -17,21 +18,20 @@ import signal
 import threading
 from contextlib import contextmanager
 
-from trimodal.errors import TrimodalError
-
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 # `mm train` stopped by a signal or its time limit, with a checkpoint to resume from (sysexits' EX_TEMPFAIL:
 # "try again later"; a SLURM script requeues on it).
 RESUMABLE_EXIT = 75
 
 
-class Stopped(TrimodalError):
+class Stopped(BaseException):
     """A stop signal ended the command; `exit_code` is the shell's 128 + the signal's number."""
 
     def __init__(self, signum: int, message: str | None = None):
         self.signal_name = signal.Signals(signum).name
         self.exit_code = 128 + signum
-        super().__init__(message or f"stopped by {self.signal_name}")
+        super().__init__(message or f"stopped by {self.signal_name}; what was complete is kept, and the same "
+                                    "command run again continues from there")
 
 
 def _in_main_thread() -> bool:
@@ -40,7 +40,7 @@ def _in_main_thread() -> bool:
 
 @contextmanager
 def raise_on_stop_signals():
-    """SIGTERM and SIGUSR1 raise `Stopped` inside the block (Ctrl-C keeps raising KeyboardInterrupt)."""
+    """SIGTERM, SIGUSR1 and SIGINT (Ctrl-C) raise `Stopped` inside the block."""
     if not _in_main_thread():
         yield
         return
@@ -48,7 +48,7 @@ def raise_on_stop_signals():
     def stop(signum, frame):
         raise Stopped(signum)
 
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
     try:
         yield
     finally:
@@ -68,8 +68,9 @@ class StopRequests:
         return self.signal_name is not None
 
     def _handle(self, signum, frame) -> None:
-        if signum == signal.SIGINT and self.signal_name == "SIGINT":
-            raise KeyboardInterrupt  # the second Ctrl-C: stop now
+        if signum == signal.SIGINT and self.signal_name == "SIGINT":  # the second Ctrl-C: stop now
+            raise Stopped(signum, "stopped at once by a second Ctrl-C; the last checkpoint written is whole "
+                                  "(resume from it with --resume)")
         if self.signal_name is None or signum == signal.SIGINT:
             self.signal_name = signal.Signals(signum).name
 

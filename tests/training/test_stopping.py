@@ -13,7 +13,7 @@ import torch
 from tests.launch import REPOSITORY, _environment, wait_for
 
 from trimodal.errors import ConfigError
-from trimodal.signals import RESUMABLE_EXIT, StopRequests
+from trimodal.signals import RESUMABLE_EXIT, StopRequests, Stopped
 from trimodal.training.config import shipped_config
 from trimodal.training.stopping import parse_time_limit
 
@@ -37,7 +37,7 @@ def test_the_first_stop_signal_sets_the_flag_and_a_second_ctrl_c_stops_at_once()
         assert requests.signal_name == "SIGTERM"
         os.kill(os.getpid(), signal.SIGINT)  # a first Ctrl-C: still a request
         assert requests.signal_name == "SIGINT"
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(Stopped, match="second Ctrl-C"):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGTERM) is before
 

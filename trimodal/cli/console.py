@@ -80,7 +80,7 @@ class _RichTask(Task):
         self._progress.update(self._id, total=total, completed=completed,
                               description=escape(description) if description else None)
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
         self._progress.stop_task(self._id)
 
 
@@ -102,7 +102,9 @@ class _PlainTask(Task):
         self._total = total if total is not None else self._total
         self._done = completed if completed is not None else self._done
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
+        if not finished:  # the error or stop line that follows says what happened
+            return
         amount = human_bytes(self._done) if self._unit == "bytes" else f"{self._done:.0f} {self._unit}"
         err_console.print(f"{escape(self._description)}: done, {amount} in {time.monotonic() - self._started:.1f} s",
                           soft_wrap=True)

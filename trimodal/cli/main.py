@@ -13,6 +13,7 @@ from trimodal import __version__
 from trimodal.cli import caption, datasets, demo, download, evaluate, featurize, info, shard, train, validate
 from trimodal.cli.console import console, err_console
 from trimodal.errors import TrimodalError
+from trimodal.signals import Stopped, raise_on_stop_signals
 
 app = typer.Typer(
     name="mm",
@@ -61,13 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     console.quiet = rank > 0
     command = typer.main.get_command(app)
     try:
-        # Standalone mode lets click report usage errors itself; it always ends in SystemExit.
-        command.main(args=argv, prog_name="mm", standalone_mode=True)
+        with raise_on_stop_signals():  # SIGTERM, SIGUSR1 and Ctrl-C raise Stopped (mm train asks at step ends)
+            # Standalone mode lets click report usage errors itself; it always ends in SystemExit.
+            command.main(args=argv, prog_name="mm", standalone_mode=True)
     except SystemExit as done:
         return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
-    except KeyboardInterrupt:
-        err_console.print("[red]interrupted[/red]")
-        return 130
+    except Stopped as stop:
+        if rank == 0:
+            err_console.print(f"[yellow]{escape(str(stop))}[/yellow]", soft_wrap=True)
+        return stop.exit_code
     except TrimodalError as error:
         if _state["debug"]:
             traceback.print_exc()

@@ -70,8 +70,13 @@ class Ahead:
     def __enter__(self) -> "Ahead":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is None:
+            self.close()
+            return
+        # The loop failed or was stopped (a signal): what the thread holds is thrown away, so it is not
+        # waited for. It only reads, and a read stuck on a slow or hung file system must not hang the exit.
+        self._stop.set()
 
 
 class Behind:

@@ -152,7 +152,9 @@ def _fetch_http(url: str, part: Path, task: Task, policy: FetchPolicy, check_siz
         received = 0
         with open(part, mode) as writer:
             try:
-                while chunk := response.read(policy.chunk_bytes):
+                # read1: what has arrived (up to a chunk) goes to disk at once, so a connection cut or a
+                # stop signal while the server stalls loses nothing that was received.
+                while chunk := response.read1(policy.chunk_bytes):
                     writer.write(chunk)
                     received += len(chunk)
                     task.advance(len(chunk))

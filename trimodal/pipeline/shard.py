@@ -270,6 +270,9 @@ def write_shard(job: ShardJob, out: Path, advance=lambda n: None) -> dict:
     except OSError as error:
         temporary.unlink(missing_ok=True)
         raise ShardError(f"cannot write {out / job.name}: {error.strerror or error}") from error
+    except BaseException:  # stopped (a signal, Ctrl-C) or failed: no half tar is left behind
+        temporary.unlink(missing_ok=True)
+        raise
     entry = {"name": job.name, "samples": counts["samples"], "captions": counts["captions"],
              "utterances": counts["utterances"], "bytes": tar.size, "sha256": tar.sha256.hexdigest(),
              "first_key": keys[0] if keys else None, "last_key": keys[-1] if keys else None}

@@ -180,7 +180,7 @@ def run_img2dataset(jobs: list[Img2datasetJob], options: Img2datasetOptions, *, 
 
     It runs in a child process (calling `img2dataset.download`) whose output goes to `log`: img2dataset
     prints from its worker processes, draws tqdm bars, and replaces the SIGINT handler with one that
-    exits with status 0, none of which may reach the caller. Ctrl-C (KeyboardInterrupt) stops the child
+    exits with status 0, none of which may reach the caller. A stop signal or Ctrl-C (Stopped, KeyboardInterrupt) stops the child
     and its workers and is raised again; finished shards stay, and a rerun continues after them.
     """
     if not jobs:
@@ -218,6 +218,7 @@ def _follow(child: subprocess.Popen, jobs: list[Img2datasetJob], before: dict[st
     tasks = {job.split: reporter.task(f"img2dataset {job.split}", total=job.rows, unit="URLs") for job in jobs}
     seen = {split: set(numbers) for split, numbers in before.items()}
     tally = {job.split: Counter() for job in jobs}
+    succeeded = False
     try:
         while True:
             finished = child.poll() is not None
@@ -230,11 +231,12 @@ def _follow(child: subprocess.Popen, jobs: list[Img2datasetJob], before: dict[st
                                                         f"{counts['tried'] - counts['ok']:,} failed")
                     tasks[job.split].advance(stats.get("count", 0))
             if finished:
+                succeeded = child.returncode == 0
                 return
             time.sleep(_POLL_SECONDS)
     finally:
         for task in tasks.values():
-            task.close()
+            task.close(finished=succeeded)
 
 
 def _stop(child: subprocess.Popen) -> None:
