@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from trimodal.pipeline.synthetic_babylm import WIDTH, write_babylm  # noqa: E402
+from trimodal.pipeline.synthesize.babylm import WIDTH, write_babylm  # noqa: E402
 
 
 def measured(command: list[str]) -> tuple[float, float, int, str]:
@@ -57,7 +57,7 @@ def main() -> None:
     shutil.rmtree(store, ignore_errors=True)
     mm = [sys.executable, "-m", "trimodal"]
     steps = {
-        "import only (baseline)": [sys.executable, "-c", "import trimodal.pipeline.shard, trimodal.features.featurize"],
+        "import only (baseline)": [sys.executable, "-c", "import trimodal.pipeline.shard.writer, trimodal.features.featurize"],
         "mm validate babylm-mm": [*mm, "validate", "babylm-mm", "--root", str(root)],
         "mm shard babylm-mm": [*mm, "shard", "babylm-mm", "--root", str(root), "--out", str(shards),
                                "--max-samples", "10000"],

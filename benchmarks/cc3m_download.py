@@ -26,10 +26,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.web_builders import build_url_world, fix, serve_images  # noqa: E402
-from trimodal.pipeline.download import download_dataset  # noqa: E402
-from trimodal.pipeline.fetch import FetchPolicy  # noqa: E402
+from trimodal.pipeline.datasets import download_dataset  # noqa: E402
+from trimodal.pipeline.download.fetch import FetchPolicy  # noqa: E402
 from trimodal.pipeline.sources import cc3m  # noqa: E402
-from trimodal.pipeline.url_report import completed_shards  # noqa: E402
+from trimodal.pipeline.download.url_report import completed_shards  # noqa: E402
 
 TIMEOUT_SECONDS = 1.0
 SLOW_SECONDS = 2.0

@@ -190,7 +190,7 @@ def main() -> None:
               + ", ".join(f"{k} {v / 1e6:.0f}" for k, v in made["json_bytes"].items()))
 
     python = sys.executable
-    baseline = [python, "-c", "import trimodal.pipeline.sources, trimodal.pipeline.shard, trimodal.pipeline.validate"]
+    baseline = [python, "-c", "import trimodal.pipeline.sources, trimodal.pipeline.shard.writer, trimodal.pipeline.validate"]
     scan = [python, "-c", "import sys; from pathlib import Path; from trimodal.pipeline.sources import scan_source; "
                           f"s = scan_source('coco2014', Path({str(root)!r})); "
                           "print(len(s.samples), sum(len(x.captions) for x in s.samples))"]

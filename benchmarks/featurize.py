@@ -31,7 +31,7 @@ from trimodal.features.audio import MelExtractor, decode_wav  # noqa: E402
 from trimodal.features.featurize import FeaturizeOptions, featurize  # noqa: E402
 from trimodal.distributed import resolve_device  # noqa: E402
 from trimodal.features.image import make_image_extractor  # noqa: E402
-from trimodal.pipeline.stream import iter_samples  # noqa: E402
+from trimodal.pipeline.read.shards import iter_samples  # noqa: E402
 
 
 def synchronize(device: torch.device) -> None:

@@ -117,7 +117,7 @@ class RawTowers:
     def __init__(self, store_config: dict, shards: Path, batch: dict, device: torch.device):
         from trimodal.features.image import make_image_extractor
         from trimodal.features.text import make_text_extractors
-        from trimodal.pipeline.shard import read_index
+        from trimodal.pipeline.read.index import read_index
 
         self.device, self.image, self.text, self.audio = device, None, None, None
         index = read_index(shards)
@@ -158,7 +158,7 @@ class RawTowers:
 
 def _raw_members(shards: Path, index: dict, keys: list[str]) -> tuple[list[bytes], list[bytes]]:
     """The jpg and the first wav of each key, from the training shards."""
-    from trimodal.pipeline.stream import read_shard
+    from trimodal.pipeline.read.shards import read_shard
 
     wanted, images, wavs = set(keys), {}, {}
     for entry in index["splits"]["train"]["shards"]:

@@ -175,7 +175,7 @@ def manifest_expecting(name: str, files: dict[str, bytes], urls=None):
     an archive whose checksum is unpublished); `urls(file)` gives other URLs."""
     import dataclasses
 
-    from trimodal.pipeline.manifest import load_manifest
+    from trimodal.pipeline.download.manifest import load_manifest
 
     real = load_manifest(name)
 
@@ -191,7 +191,8 @@ def manifest_expecting(name: str, files: dict[str, bytes], urls=None):
 
 def flickr_shards(root: Path, *, train: int, val: int, test: int, wav_seconds: float, max_samples: int) -> Path:
     """A small Flickr8k + FACC tree under `root/data`, sharded into `root/shards`."""
-    from trimodal.pipeline.shard import ShardOptions, shard_dataset
+    from trimodal.pipeline.shard.writer import ShardOptions
+    from trimodal.pipeline.datasets import shard_dataset
 
     build_flickr_tree(root / "data", train=train, val=val, test=test, wav_seconds=wav_seconds)
     shard_dataset("flickr8k", root / "data", root / "shards", ShardOptions(max_samples=max_samples))

@@ -13,7 +13,7 @@ import pytest
 
 from tests.builders import serving
 from trimodal.cli.main import main
-from trimodal.pipeline.download import download_dataset
+from trimodal.pipeline.datasets import download_dataset
 
 
 @dataclass
@@ -113,7 +113,8 @@ def _synthesized(name: str, tmp_path_factory) -> Path:
 
 
 def _sharded(name: str, root: Path, tmp_path_factory) -> Path:
-    from trimodal.pipeline.shard import ShardOptions, shard_dataset
+    from trimodal.pipeline.shard.writer import ShardOptions
+    from trimodal.pipeline.datasets import shard_dataset
 
     out = tmp_path_factory.mktemp(f"{name}-shards") / name
     shard_dataset(name, root, out, ShardOptions(workers=2))
@@ -225,7 +226,8 @@ def micro_shards(mini_root, tmp_path_factory) -> Path:
     manifest: enough for one training step of any config, small enough for full-size towers on a CPU."""
     import json
 
-    from trimodal.pipeline.shard import ShardOptions, shard_dataset
+    from trimodal.pipeline.shard.writer import ShardOptions
+    from trimodal.pipeline.datasets import shard_dataset
     from trimodal.pipeline.sources import scan_source
 
     base = tmp_path_factory.mktemp("micro")
@@ -253,8 +255,9 @@ def babylm_sources(tmp_path_factory) -> tuple[Path, Path]:
     """(shards, store) of a generated BabyLM-format set: 900 templated captions with 768-d vectors that sum
     one random direction per attribute (noise 0.5), 5% val and 5% test, the vectors imported (read-only)."""
     from trimodal.features.featurize import FeaturizeOptions, featurize
-    from trimodal.pipeline.shard import ShardOptions, shard_dataset
-    from trimodal.pipeline.synthetic_babylm import write_babylm
+    from trimodal.pipeline.shard.writer import ShardOptions
+    from trimodal.pipeline.datasets import shard_dataset
+    from trimodal.pipeline.synthesize.babylm import write_babylm
 
     base = tmp_path_factory.mktemp("babylm")
     write_babylm(base / "data" / "babylm-mm", cc3m=900, noise=0.5)

@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from tests.builders import build_archives, build_flickr_tree, md5, zip_with
-from trimodal.pipeline import download as download_module
-from trimodal.pipeline.manifest import load_manifest
+from trimodal.pipeline import datasets as datasets_module
+from trimodal.pipeline.download.manifest import load_manifest
 
 
 def assert_one_clear_error(result, *fragments):
@@ -78,7 +78,7 @@ def served(http_server, tmp_path, monkeypatch):
         m = real(name)
         return dataclasses.replace(m, archives=tuple(dataclasses.replace(a, md5=md5(files[a.file])) for a in m.archives))
 
-    monkeypatch.setattr(download_module, "load_manifest", manifest)
+    monkeypatch.setattr(datasets_module, "load_manifest", manifest)
     return http_server
 
 
@@ -95,13 +95,13 @@ def test_no_verify_warns_visibly(mm, served, tmp_path):
 
 
 def test_mirror_without_the_file(mm, served, tmp_path, monkeypatch):
-    monkeypatch.setattr("trimodal.pipeline.fetch.time.sleep", lambda s: None)
+    monkeypatch.setattr("trimodal.pipeline.download.fetch.time.sleep", lambda s: None)
     result = mm("download", "facc", "--root", tmp_path / "data", "--mirror", served.url + "/nothing-here")
     assert_one_clear_error(result, "could not download flickr_audio.tar.gz", "HTTP 404")
 
 
 def test_unreachable_mirror(mm, tmp_path, monkeypatch):
-    monkeypatch.setattr("trimodal.pipeline.fetch.time.sleep", lambda s: None)
+    monkeypatch.setattr("trimodal.pipeline.download.fetch.time.sleep", lambda s: None)
     result = mm("download", "facc", "--root", tmp_path / "data", "--mirror", "http://127.0.0.1:9")
     assert_one_clear_error(result, "could not download", "cannot connect")
 
@@ -111,7 +111,7 @@ def test_zip_slip_archive(mm, http_server, tmp_path, monkeypatch):
     http_server.files["/Flickr8k_Dataset.zip"] = evil
     real = load_manifest("flickr8k")
     manifest = dataclasses.replace(real, archives=(dataclasses.replace(real.archives[0], md5=md5(evil)),))
-    monkeypatch.setattr(download_module, "load_manifest", lambda name: manifest)
+    monkeypatch.setattr(datasets_module, "load_manifest", lambda name: manifest)
     result = mm("download", "flickr8k", "--root", tmp_path / "data", "--mirror", http_server.url)
     assert_one_clear_error(result, "refusing member", "../../evil.txt")
     assert not list(tmp_path.rglob("evil.txt"))
@@ -122,7 +122,7 @@ def test_corrupt_archive(mm, http_server, tmp_path, monkeypatch):
     http_server.files["/Flickr8k_Dataset.zip"] = broken
     real = load_manifest("flickr8k")
     manifest = dataclasses.replace(real, archives=(dataclasses.replace(real.archives[0], md5=md5(broken)),))
-    monkeypatch.setattr(download_module, "load_manifest", lambda name: manifest)
+    monkeypatch.setattr(datasets_module, "load_manifest", lambda name: manifest)
     result = mm("download", "flickr8k", "--root", tmp_path / "data", "--mirror", http_server.url)
     assert_one_clear_error(result, "corrupt or truncated archive")
 
@@ -195,7 +195,7 @@ def test_train_with_a_bad_override(mm, mini_shards, mini_features, tmp_path):
 
 def test_train_with_features_from_other_shards(mm, mini_features, tmp_path):
     tree = build_flickr_tree(tmp_path / "data")
-    from trimodal.pipeline.shard import shard_dataset
+    from trimodal.pipeline.datasets import shard_dataset
 
     shard_dataset("flickr8k", tree.root, tmp_path / "shards")
     result = mm("train", "configs/mmn-tiny.toml", "--shards", tmp_path / "shards", "--features", mini_features,

@@ -20,8 +20,8 @@ import pytest
 
 from tests.builders import build_archives, build_flickr_tree, manifest_expecting
 from trimodal.features.store import FeatureStore
-from trimodal.pipeline import download as download_module
-from trimodal.pipeline.marker import read_marker
+from trimodal.pipeline import datasets as datasets_module
+from trimodal.pipeline.download.marker import read_marker
 
 STOPPED = 128 + signal.SIGTERM
 
@@ -101,7 +101,7 @@ def test_sigterm_mid_transfer_keeps_the_part_file_and_a_rerun_completes_identica
                                                                                    tmp_path, monkeypatch):
     for file, data in facc_archives.items():
         http_server.files[f"/{file}"] = data
-    monkeypatch.setattr(download_module, "load_manifest", lambda name: manifest_expecting(name, facc_archives))
+    monkeypatch.setattr(datasets_module, "load_manifest", lambda name: manifest_expecting(name, facc_archives))
     assert mm("download", "facc", "--root", tmp_path / "whole", "--mirror", http_server.url).exit_code == 0
 
     http_server.rules["/flickr_audio.tar.gz"] = {"stall_once": True}

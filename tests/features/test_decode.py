@@ -136,7 +136,8 @@ def test_no_device_path_without_pixels_or_a_tensor_form_of_the_preprocessing():
 def test_featurize_on_cpu_uses_the_pil_path(tmp_path, monkeypatch):
     from tests.builders import build_flickr_tree
     from trimodal.features.featurize import FeaturizeOptions, featurize
-    from trimodal.pipeline.shard import ShardOptions, shard_dataset
+    from trimodal.pipeline.shard.writer import ShardOptions
+    from trimodal.pipeline.datasets import shard_dataset
 
     build_flickr_tree(tmp_path / "data", train=4, val=2, test=2, wav_seconds=0.1)
     shard_dataset("flickr8k", tmp_path / "data", tmp_path / "shards", ShardOptions(max_samples=4))

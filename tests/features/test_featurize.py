@@ -10,8 +10,9 @@ from trimodal.features import featurize as featurize_module
 from trimodal.features.audio import MelExtractor
 from trimodal.features.featurize import FeaturizeOptions, featurize
 from trimodal.features.store import FeatureStore, StaleCacheError
-from trimodal.pipeline.shard import ShardOptions, shard_dataset
-from trimodal.pipeline.stream import iter_samples
+from trimodal.pipeline.shard.writer import ShardOptions
+from trimodal.pipeline.datasets import shard_dataset
+from trimodal.pipeline.read.shards import iter_samples
 
 SMALL_ENCODER = "open_clip:ViT-S-32"
 

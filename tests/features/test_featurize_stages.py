@@ -13,7 +13,7 @@ from trimodal.features import featurize as featurize_module
 from trimodal.features.audio import MelExtractor
 from trimodal.features.featurize import FeaturizeOptions, featurize
 from trimodal.features.store import FeatureStore
-from trimodal.pipeline.stream import iter_samples
+from trimodal.pipeline.read.shards import iter_samples
 
 pytestmark = pytest.mark.timeout(120)  # a stage that fails must never leave featurize waiting
 AUDIO_ONLY = FeaturizeOptions(device="cpu", image=None, text=None, batch_size=4)

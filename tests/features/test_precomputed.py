@@ -9,9 +9,10 @@ import pytest
 from trimodal.errors import TrimodalError
 from trimodal.features.featurize import FeaturizeOptions, featurize
 from trimodal.features.store import FeatureStore, StaleCacheError
-from trimodal.pipeline.shard import ShardOptions, shard_dataset
+from trimodal.pipeline.shard.writer import ShardOptions
+from trimodal.pipeline.datasets import shard_dataset
 from trimodal.pipeline.sources.babylm_mm import parse_key
-from trimodal.pipeline.synthetic_babylm import write_babylm
+from trimodal.pipeline.synthesize.babylm import write_babylm
 
 HALVES = ("cc_3M_dino_v2_states_1of2.npy", "cc_3M_dino_v2_states_2of2.npy")
 

@@ -13,7 +13,7 @@ from trimodal.features.featurize import FeaturizeOptions, featurize
 from trimodal.features.image import EncoderSpec, make_image_extractor
 from trimodal.features.store import FeatureStore
 from trimodal.features.timm_image import TimmImageEncoder
-from trimodal.pipeline.stream import iter_samples
+from trimodal.pipeline.read.shards import iter_samples
 
 DINO = "vit_small_patch14_dinov2"  # the base model's small sibling: same code, a quarter of the time
 WIDTH = 384

@@ -10,9 +10,10 @@ import webdataset as wds
 
 from tests.builders import make_jpeg
 from trimodal.errors import DatasetLayoutError, ShardError
-from trimodal.pipeline import adopt
-from trimodal.pipeline.shard import ShardOptions, shard_dataset
-from trimodal.pipeline.stream import read_shard
+from trimodal.pipeline.shard import adopt
+from trimodal.pipeline.shard.writer import ShardOptions
+from trimodal.pipeline.datasets import shard_dataset
+from trimodal.pipeline.read.shards import read_shard
 
 
 def write_img2dataset_shard(path, shard_id, rows, *, captions=None, drop=()):

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 
 from trimodal.errors import DatasetLayoutError, DownloadError, ShardError
-from trimodal.pipeline import osf
-from trimodal.pipeline.npyfiles import FeatureFileError
-from trimodal.pipeline.shard import ShardOptions, shard_dataset
+from trimodal.pipeline.download import osf
+from trimodal.pipeline.base.npyfiles import FeatureFileError
+from trimodal.pipeline.shard.writer import ShardOptions
+from trimodal.pipeline.datasets import shard_dataset
 from trimodal.pipeline.sources.babylm_mm import parse_key, row_key
-from trimodal.pipeline.synthetic_babylm import write_babylm
-from trimodal.pipeline.validate import validate_dataset
+from trimodal.pipeline.synthesize.babylm import write_babylm
+from trimodal.pipeline.datasets import validate_dataset
 
 CC_FILES = ("cc_3M_dino_v2_states_1of2.npy", "cc_3M_dino_v2_states_2of2.npy")
 
@@ -152,7 +153,8 @@ def test_osf_urls_resolve_through_the_folder_listing(http_server):
 
 def test_download_of_one_part_through_a_mirror_records_and_then_enforces_sha256(http_server, tmp_path):
     from trimodal.errors import ChecksumError
-    from trimodal.pipeline.download import RECORDED, download_dataset
+    from trimodal.pipeline.download.archives import RECORDED
+    from trimodal.pipeline.datasets import download_dataset
 
     write_babylm(tmp_path / "made", cc3m=50, localized_narratives=20)
     for path in (tmp_path / "made").iterdir():

@@ -22,14 +22,16 @@ import pytest
 from tests.builders import md5
 from tests.web_builders import ImageServer, UrlWorld, build_url_world, fix, serve_images, url_path
 from trimodal.errors import ChecksumError, ConfigError, DatasetLayoutError, DiskSpaceError, ManifestError
-from trimodal.pipeline import download as download_module
-from trimodal.pipeline import osf
-from trimodal.pipeline.download import DOWNLOADS, RECORDED, DownloadResult, download_dataset
-from trimodal.pipeline.fetch import FetchPolicy
-from trimodal.pipeline.manifest import Archive, Manifest, load_manifest, parse_manifest
-from trimodal.pipeline.marker import read_marker, read_state
+from trimodal.pipeline import datasets as datasets_module
+from trimodal.pipeline.download import archives as download_module
+from trimodal.pipeline.download import osf
+from trimodal.pipeline.download.archives import DOWNLOADS, RECORDED, DownloadResult
+from trimodal.pipeline.datasets import download_dataset
+from trimodal.pipeline.download.fetch import FetchPolicy
+from trimodal.pipeline.download.manifest import Archive, Manifest, load_manifest, parse_manifest
+from trimodal.pipeline.download.marker import read_marker, read_state
 from trimodal.pipeline.sources import cc3m, scan_source
-from trimodal.pipeline.url_download import (
+from trimodal.pipeline.download.urls import (
     Img2datasetJob,
     Img2datasetOptions,
     UrlDownloadError,
@@ -38,7 +40,7 @@ from trimodal.pipeline.url_download import (
     prepare_split,
     run_img2dataset,
 )
-from trimodal.pipeline.url_report import RECORD_DIR, split_report, url_attempts
+from trimodal.pipeline.download.url_report import RECORD_DIR, split_report, url_attempts
 from trimodal.progress import Reporter, Task
 
 FAST = FetchPolicy(attempts_per_url=2, backoff_seconds=0.01, timeout_seconds=10)
@@ -475,7 +477,7 @@ def _plain_manifest(url: str, *, sha256: str | None = None) -> Manifest:
 @pytest.fixture
 def plain(http_server, monkeypatch):
     http_server.files.update({"/captions.json": CAPTIONS, "/states.npy": VECTORS})
-    monkeypatch.setattr(download_module, "load_manifest", lambda name: _plain_manifest(http_server.url))
+    monkeypatch.setattr(datasets_module, "load_manifest", lambda name: _plain_manifest(http_server.url))
     return http_server
 
 
@@ -499,7 +501,7 @@ def test_a_plain_file_transfer_resumes_from_its_part_file(plain, tmp_path):
 
 
 def test_a_plain_file_with_a_wrong_digest_is_removed_and_not_placed(plain, tmp_path, monkeypatch):
-    monkeypatch.setattr(download_module, "load_manifest", lambda name: _plain_manifest(plain.url, sha256="0" * 64))
+    monkeypatch.setattr(datasets_module, "load_manifest", lambda name: _plain_manifest(plain.url, sha256="0" * 64))
     with pytest.raises(ChecksumError, match="states.npy"):
         download_dataset("plainfiles", tmp_path, policy=FAST)
     assert not (tmp_path / "plainfiles" / "states.npy").exists()
@@ -532,7 +534,7 @@ def test_an_osf_url_is_resolved_through_the_folder_listing_when_the_download_sta
     monkeypatch.setattr(osf, "API", f"{http_server.url}/v2")
     manifest = Manifest(name="plainfiles", title="t", licence="l", terms_url="http://x", archives=(
         Archive(file="captions.json", urls=("osf://ad7qg/F1/captions.json",), unpublished_checksum=True),))
-    monkeypatch.setattr(download_module, "load_manifest", lambda name: manifest)
+    monkeypatch.setattr(datasets_module, "load_manifest", lambda name: manifest)
     result = download_dataset("plainfiles", tmp_path, policy=FAST)
     assert result.archives[0].url == f"{http_server.url}/download/x1"
     assert (tmp_path / "plainfiles" / "captions.json").read_bytes() == CAPTIONS
@@ -573,7 +575,7 @@ def test_the_downloaded_tars_and_their_retries_are_adopted_as_shards_and_featuri
     """The whole chain: what img2dataset wrote (first run and retries) becomes shards without a copy."""
     import os
 
-    from trimodal.pipeline.stream import read_shard
+    from trimodal.pipeline.read.shards import read_shard
 
     result = mm("shard", "cc3m", "--root", story.root, "--out", tmp_path / "shards")
     assert result.exit_code == 0, result.output

@@ -6,9 +6,10 @@ import pytest
 from tests.builders import shard_members
 from tests.coco_builders import build_coco_tree
 from trimodal.errors import ConfigError, DatasetLayoutError
-from trimodal.pipeline.shard import ShardOptions, shard_dataset
+from trimodal.pipeline.shard.writer import ShardOptions
+from trimodal.pipeline.datasets import shard_dataset
 from trimodal.pipeline.sources import scan_source
-from trimodal.pipeline.validate import validate_dataset
+from trimodal.pipeline.datasets import validate_dataset
 
 
 @pytest.fixture

@@ -6,8 +6,10 @@ import pytest
 
 from tests.builders import make_jpeg, make_wav, shard_members
 from trimodal.errors import DatasetLayoutError, ShardError
-from trimodal.pipeline.shard import INDEX, ShardOptions, shard_dataset
-from trimodal.pipeline.validate import validate_dataset
+from trimodal.pipeline.shard.writer import ShardOptions
+from trimodal.pipeline.read.index import INDEX
+from trimodal.pipeline.datasets import shard_dataset
+from trimodal.pipeline.datasets import validate_dataset
 
 # Each split's metadata rows as (image_filename, caption); beach.jpg's rows are not adjacent on purpose.
 FOLDER_ROWS = {

@@ -4,11 +4,13 @@ import pytest
 
 from tests.builders import build_archives, build_flickr_tree, manifest_expecting, md5, tar_with, zip_with
 from trimodal.errors import ArchiveError, ChecksumError, DiskSpaceError, DownloadError, UnsafeArchiveError
-from trimodal.pipeline import download as download_module
-from trimodal.pipeline.download import DOWNLOADS, download_dataset
-from trimodal.pipeline.marker import MARKER, read_marker
-from trimodal.pipeline.fetch import FetchPolicy
-from trimodal.pipeline.manifest import Archive, Manifest
+from trimodal.pipeline import datasets as datasets_module
+from trimodal.pipeline.download import archives as download_module
+from trimodal.pipeline.download.archives import DOWNLOADS
+from trimodal.pipeline.datasets import download_dataset
+from trimodal.pipeline.download.marker import MARKER, read_marker
+from trimodal.pipeline.download.fetch import FetchPolicy
+from trimodal.pipeline.download.manifest import Archive, Manifest
 
 FAST = FetchPolicy(attempts_per_url=3, backoff_seconds=0.01, timeout_seconds=10)
 
@@ -29,7 +31,7 @@ def serve(http_server, archives, monkeypatch):
     """Serve the test archives and make the manifests expect their digests."""
     for file, data in archives.items():
         http_server.files[f"/{file}"] = data
-    monkeypatch.setattr(download_module, "load_manifest", lambda name: manifest_for(name, archives))
+    monkeypatch.setattr(datasets_module, "load_manifest", lambda name: manifest_for(name, archives))
     return http_server
 
 
@@ -88,14 +90,14 @@ def test_a_server_that_ignores_range_makes_the_download_start_over(serve, tmp_pa
 
 def test_redirects_are_followed(serve, tmp_path, archives, monkeypatch):
     serve.rules["/releases/flickr_audio.tar.gz"] = {"redirect": "/flickr_audio.tar.gz"}
-    monkeypatch.setattr(download_module, "load_manifest", lambda name: manifest_for(
+    monkeypatch.setattr(datasets_module, "load_manifest", lambda name: manifest_for(
         name, archives, urls=lambda file: [f"{serve.url}/releases/{file}"]))
     download_dataset("facc", tmp_path, policy=FAST)
     assert [r.status for r in serve.log] == [302, 200]
 
 
 def test_falls_back_to_the_next_url_after_a_404(serve, tmp_path, archives, monkeypatch):
-    monkeypatch.setattr(download_module, "load_manifest", lambda name: manifest_for(
+    monkeypatch.setattr(datasets_module, "load_manifest", lambda name: manifest_for(
         name, archives, urls=lambda file: [f"{serve.url}/gone/{file}", f"{serve.url}/{file}"]))
     download_dataset("facc", tmp_path, policy=FAST)
     assert [(r.path, r.status) for r in serve.log] == [("/gone/flickr_audio.tar.gz", 404), ("/flickr_audio.tar.gz", 200)]
@@ -150,13 +152,13 @@ def test_force_downloads_again(serve, tmp_path):
 def test_file_urls_work(archives, tmp_path, monkeypatch):
     (tmp_path / "mirror").mkdir()
     (tmp_path / "mirror" / "flickr_audio.tar.gz").write_bytes(archives["flickr_audio.tar.gz"])
-    monkeypatch.setattr(download_module, "load_manifest", lambda name: manifest_for(name, archives))
+    monkeypatch.setattr(datasets_module, "load_manifest", lambda name: manifest_for(name, archives))
     download_dataset("facc", tmp_path / "data", mirror=(tmp_path / "mirror").as_uri(), policy=FAST)
     assert (tmp_path / "data" / "facc" / "flickr_audio" / "wav2capt.txt").is_file()
 
 
 def test_missing_file_url_is_a_clear_error(tmp_path, archives, monkeypatch):
-    monkeypatch.setattr(download_module, "load_manifest", lambda name: manifest_for(name, archives))
+    monkeypatch.setattr(datasets_module, "load_manifest", lambda name: manifest_for(name, archives))
     with pytest.raises(DownloadError, match="no such file"):
         download_dataset("facc", tmp_path, mirror=(tmp_path / "nowhere").as_uri(), policy=FAST)
 
@@ -173,7 +175,7 @@ def _serve_one(http_server, monkeypatch, name: str, file: str, data: bytes):
     http_server.files[f"/{file}"] = data
     manifest = Manifest(name=name, title=name, licence="test", terms_url="http://x",
                         archives=(Archive(file=file, urls=(f"{http_server.url}/{file}",), md5=md5(data)),))
-    monkeypatch.setattr(download_module, "load_manifest", lambda _: manifest)
+    monkeypatch.setattr(datasets_module, "load_manifest", lambda _: manifest)
 
 
 def test_zip_slip_is_refused_and_nothing_lands_outside(http_server, tmp_path, monkeypatch):

@@ -8,12 +8,13 @@ import pytest
 from tests.builders import manifest_expecting, tar_with
 from tests.coco_builders import build_coco_archives, build_coco_tree
 from trimodal.errors import ArchiveError, ChecksumError, ConfigError
-from trimodal.pipeline import download as download_module
-from trimodal.pipeline.download import DOWNLOADS, RECORDED, download_dataset
-from trimodal.pipeline.marker import read_marker, read_state
-from trimodal.pipeline.fetch import FetchPolicy
+from trimodal.pipeline import datasets as datasets_module
+from trimodal.pipeline.download.archives import DOWNLOADS, RECORDED
+from trimodal.pipeline.datasets import download_dataset
+from trimodal.pipeline.download.marker import read_marker, read_state
+from trimodal.pipeline.download.fetch import FetchPolicy
 from trimodal.pipeline.info import describe
-from trimodal.pipeline.manifest import Manifest
+from trimodal.pipeline.download.manifest import Manifest
 from trimodal.progress import Reporter
 
 FAST = FetchPolicy(attempts_per_url=3, backoff_seconds=0.01, timeout_seconds=10)
@@ -43,7 +44,7 @@ def serve(http_server, archives, monkeypatch):
     """Serve the COCO test archives and make the manifests expect their digests."""
     for file, data in archives.items():
         http_server.files[f"/{file}"] = data
-    monkeypatch.setattr(download_module, "load_manifest",
+    monkeypatch.setattr(datasets_module, "load_manifest",
                         lambda name: manifest_for(name, archives, http_server.url))
     return http_server
 

@@ -4,7 +4,7 @@ import pytest
 
 from tests.builders import tar_with, zip_with
 from trimodal.errors import ArchiveError, UnsafeArchiveError
-from trimodal.pipeline.extract import extract_archive, safe_member_path
+from trimodal.pipeline.download.extract import extract_archive, safe_member_path
 
 
 @pytest.mark.parametrize("name", ["/etc/passwd", "C:/windows/x", "a/../../b", "..", "a\\..\\..\\b"])

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from trimodal.errors import ManifestError
-from trimodal.pipeline.manifest import available, load_manifest, manifest_dir, parse_manifest
+from trimodal.pipeline.download.manifest import available, load_manifest, manifest_dir, parse_manifest
 
 # Published digests, copied from ../shared/reference/datasets.md (sections 1 and 2): a typo in a
 # manifest must not pass.

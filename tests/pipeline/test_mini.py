@@ -5,11 +5,11 @@ import pytest
 import soundfile
 from PIL import Image
 
-from trimodal.pipeline.download import download_dataset
-from trimodal.pipeline.marker import read_marker
+from trimodal.pipeline.datasets import download_dataset
+from trimodal.pipeline.download.marker import read_marker
 from trimodal.pipeline.sources.mini import synthesize_mini
-from trimodal.pipeline.synthetic import COLOURS, SPLIT_SIZES, plan_images
-from trimodal.pipeline.validate import validate_dataset
+from trimodal.pipeline.synthesize.shapes import COLOURS, SPLIT_SIZES, plan_images
+from trimodal.pipeline.datasets import validate_dataset
 
 
 def test_mini_is_laid_out_like_flickr8k_plus_facc(mini_root):
@@ -44,7 +44,7 @@ def test_captions_describe_their_image(mini_root):
         assert all(image.colour in text and image.shape in text for text in captions[image.key])
         pixels = np.asarray(Image.open(mini / "Flicker8k_Dataset" / f"{image.key}.jpg").convert("RGB"), dtype=float)
         if image.size == "large" and image.shape in ("circle", "square"):
-            from trimodal.pipeline.synthetic import POSITIONS
+            from trimodal.pipeline.synthesize.shapes import POSITIONS
 
             x = int(POSITIONS[image.position] * pixels.shape[1])
             centre = pixels[pixels.shape[0] // 2 - 2 : pixels.shape[0] // 2 + 3, x - 2 : x + 3].mean(axis=(0, 1))

@@ -1,9 +1,9 @@
 import json
 import tarfile
 
-from trimodal.pipeline.marker import read_marker
+from trimodal.pipeline.download.marker import read_marker
 from trimodal.pipeline.sources import scan_source
-from trimodal.pipeline.validate import validate_dataset
+from trimodal.pipeline.datasets import validate_dataset
 
 
 def test_mini_coco_is_laid_out_like_coco2014_plus_spokencoco(mini_coco_root):

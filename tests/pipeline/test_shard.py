@@ -6,8 +6,10 @@ import webdataset as wds
 
 from tests.builders import build_flickr_tree, shard_members
 from trimodal.errors import ConfigError, DatasetLayoutError, ShardError
-from trimodal.pipeline import shard as shard_module
-from trimodal.pipeline.shard import INDEX, ShardOptions, plan_shards, read_index, shard_dataset
+from trimodal.pipeline.shard import writer as shard_module
+from trimodal.pipeline.shard.writer import ShardOptions, plan_shards
+from trimodal.pipeline.read.index import INDEX, read_index
+from trimodal.pipeline.datasets import shard_dataset
 
 
 @pytest.fixture
@@ -224,7 +226,7 @@ def test_read_index_refuses_a_folder_without_one(tmp_path):
 def test_tar_stream_writes_exactly_what_tarfile_writes():
     import io
 
-    from trimodal.pipeline.shard import TAR_MTIME, TarStream
+    from trimodal.pipeline.shard.writer import TAR_MTIME, TarStream
 
     members = [("k.jpg", b"x" * 1000), ("k.txt", b"hello\n"), ("k.0.wav", b"y" * 512), ("k.json", b""),
                ("1000268201_693b08cb0e.json", b"{}" * 300), ("k" * 99 + ".txt", b"long name"), ("kéy.txt", b"x")]

@@ -8,7 +8,7 @@ import pytest
 
 from tests.builders import make_jpeg
 from trimodal.errors import ConfigError, DatasetLayoutError
-from trimodal.pipeline.manifest import available, load_manifest
+from trimodal.pipeline.download.manifest import available, load_manifest
 from trimodal.pipeline.sources import get_source, scan_source, source_names
 
 REPOSITORY = Path(__file__).resolve().parents[2]
@@ -54,8 +54,9 @@ def test_an_option_of_another_source_is_refused_naming_who_takes_it(tmp_path):
 TOY_SOURCE = '''
 """A toy dataset: toy/pairs.tsv lines `<image file>\\t<caption>\\t<split>`."""
 
-from trimodal.pipeline.samples import Caption, Sample
-from trimodal.pipeline.sources import Scan, register_source
+from trimodal.pipeline.base.samples import Caption, Sample
+from trimodal.pipeline.base.scan import Scan
+from trimodal.pipeline.sources import register_source
 
 
 @register_source("toy")

@@ -5,10 +5,11 @@ import pytest
 from tests.builders import shard_members
 from tests.coco_builders import build_coco_tree
 from trimodal.errors import ShardError
-from trimodal.pipeline.shard import ShardOptions, shard_dataset
+from trimodal.pipeline.shard.writer import ShardOptions
+from trimodal.pipeline.datasets import shard_dataset
 from trimodal.pipeline.sources import scan_source
-from trimodal.pipeline.stream import read_shard
-from trimodal.pipeline.validate import validate_dataset
+from trimodal.pipeline.read.shards import read_shard
+from trimodal.pipeline.datasets import validate_dataset
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import pytest
 
 from tests.builders import QUIRK_STEM, build_flickr_tree, make_wav
 from trimodal.errors import DatasetLayoutError
-from trimodal.pipeline.validate import validate_dataset
+from trimodal.pipeline.datasets import validate_dataset
 
 
 def kinds(report, severity="error"):

@@ -3,7 +3,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from trimodal.errors import ConfigError
-from trimodal.pipeline import stream as stream_module
+from trimodal.pipeline.read import shards as stream_module
 from trimodal.training.data import TrimodalDataset, load_split, open_sources
 
 
@@ -72,7 +72,8 @@ def test_an_epoch_continued_from_a_batch_is_the_rest_of_the_epoch(mini_shards, m
 
 def test_the_epoch_length_comes_from_the_index_whatever_the_shards(tmp_path, mini_root):
     from trimodal.features.featurize import FeaturizeOptions, featurize
-    from trimodal.pipeline.shard import ShardOptions, shard_dataset
+    from trimodal.pipeline.shard.writer import ShardOptions
+    from trimodal.pipeline.datasets import shard_dataset
 
     shards = tmp_path / "shards"
     shard_dataset("mini", mini_root, shards, ShardOptions(max_samples=70, workers=2))  # train: 70, 70, 60

@@ -81,7 +81,8 @@ def test_a_short_run_on_two_ranks_ends_close_to_one_process(family, family_runs)
 def _shard_set(mini_root, folder: Path, max_samples: int) -> tuple[Path, Path]:
     """The mini dataset cut into shards of `max_samples`, featurized with a small image tower and no audio."""
     from trimodal.features.featurize import FeaturizeOptions, featurize
-    from trimodal.pipeline.shard import ShardOptions, shard_dataset
+    from trimodal.pipeline.shard.writer import ShardOptions
+    from trimodal.pipeline.datasets import shard_dataset
 
     shard_dataset("mini", mini_root, folder / "shards", ShardOptions(max_samples=max_samples, workers=2))
     featurize(folder / "shards", folder / "f.zarr", FeaturizeOptions(device="cpu", image="open_clip:ViT-S-32", audio=None))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import cache
 
-from trimodal.pipeline.manifest import available, load_manifest
+from trimodal.pipeline.download.manifest import available, load_manifest
 
 
 @cache

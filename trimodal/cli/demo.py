@@ -25,9 +25,10 @@ def demo(
     """
     from trimodal.features.featurize import FeaturizeOptions, featurize
     from trimodal.features.store import StaleCacheError
-    from trimodal.pipeline.download import download_dataset
-    from trimodal.pipeline.shard import ShardOptions, shard_dataset
-    from trimodal.pipeline.validate import validate_dataset
+    from trimodal.pipeline.datasets import download_dataset
+    from trimodal.pipeline.shard.writer import ShardOptions
+    from trimodal.pipeline.datasets import shard_dataset
+    from trimodal.pipeline.datasets import validate_dataset
     from trimodal.training.config import shipped_config
     from trimodal.training.eval_run import evaluate_run
     from trimodal.training.trainer import train

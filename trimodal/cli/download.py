@@ -43,7 +43,7 @@ def download(
 
     Example: mm download coco2014 --root data --only annotations,val
     """
-    from trimodal.pipeline.download import download_dataset
+    from trimodal.pipeline.datasets import download_dataset
 
     parts = [part.strip() for value in only or () for part in value.split(",") if part.strip()] or None
     options = {"processes": processes, "threads": threads, "image_size": image_size, "max_samples": max_samples,

@@ -37,7 +37,8 @@ def shard(
 
     Example: mm shard flickr8k --root data --out shards/flickr8k --workers 2
     """
-    from trimodal.pipeline.shard import ShardOptions, shard_dataset
+    from trimodal.pipeline.shard.writer import ShardOptions
+    from trimodal.pipeline.datasets import shard_dataset
 
     options = ShardOptions(max_samples=max_samples, max_mb=max_mb, seed=seed, max_bad=max_bad, workers=workers)
     with reporter() as progress:

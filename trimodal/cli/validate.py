@@ -30,7 +30,7 @@ def validate(
 
     Example: mm validate flickr8k --root data --report validate.json
     """
-    from trimodal.pipeline.validate import validate_dataset
+    from trimodal.pipeline.datasets import validate_dataset
 
     with reporter() as progress:
         result = validate_dataset(name, root, workers=workers, reporter=progress,

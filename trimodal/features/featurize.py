@@ -30,9 +30,9 @@ from trimodal.features.overlap import Ahead, Behind
 from trimodal.features.parts import Parts
 from trimodal.features.store import FeatureStore, ShardFeatures, ShardSlot, StaleCacheError, config_differences, plan_layout
 from trimodal.features.text import make_text_extractors
-from trimodal.pipeline.samples import SPLITS
-from trimodal.pipeline.shard import read_index
-from trimodal.pipeline.stream import ShardContents, index_fingerprint, offsets, read_shard
+from trimodal.pipeline.base.samples import SPLITS
+from trimodal.pipeline.read.index import read_index
+from trimodal.pipeline.read.shards import ShardContents, index_fingerprint, offsets, read_shard
 from trimodal.progress import SILENT, Reporter
 
 

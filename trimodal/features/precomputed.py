@@ -14,7 +14,7 @@ import numpy as np
 
 from trimodal.errors import TrimodalError
 from trimodal.features.store import StaleCacheError
-from trimodal.pipeline.npyfiles import first_nonfinite, read_header
+from trimodal.pipeline.base.npyfiles import first_nonfinite, read_header
 
 
 class PrecomputedImageFeatures:

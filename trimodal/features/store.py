@@ -33,7 +33,7 @@ import zarr
 
 from trimodal import __version__
 from trimodal.errors import TrimodalError
-from trimodal.pipeline.samples import KEY_BYTES, key_problem
+from trimodal.pipeline.base.samples import KEY_BYTES, key_problem
 
 FORMAT = "trimodal-features/1"
 KEY_WIDTH = KEY_BYTES

@@ -6,10 +6,10 @@ import os
 from pathlib import Path
 
 from trimodal.errors import TrimodalError
-from trimodal.pipeline.download import DOWNLOADS
-from trimodal.pipeline.marker import MARKER, read_state
-from trimodal.pipeline.manifest import available
-from trimodal.pipeline.shard import INDEX, read_index
+from trimodal.pipeline.download.archives import DOWNLOADS
+from trimodal.pipeline.download.marker import MARKER, read_state
+from trimodal.pipeline.download.manifest import available
+from trimodal.pipeline.read.index import INDEX, read_index
 
 
 def describe(path: Path) -> dict:

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from trimodal.pipeline.checks import WavFormat, flac_problem, format_problem, image_problem, wav_file_format
-from trimodal.pipeline.samples import Problem
-from trimodal.pipeline.sources import scan_source
+from trimodal.pipeline.base.checks import WavFormat, flac_problem, format_problem, image_problem, wav_file_format
+from trimodal.pipeline.base.samples import Problem
+from trimodal.pipeline.base.scan import Scan
 from trimodal.progress import SILENT, Reporter
 
 _BATCH = 64
@@ -36,15 +36,14 @@ class ValidationReport:
                 "problems": [problem.to_dict() for problem in self.problems]}
 
 
-def validate_dataset(name: str, root: Path | None, *, workers: int = 2, source_options: dict | None = None,
-                     reporter: Reporter = SILENT) -> ValidationReport:
-    """Check annotation files, then decode every split image and check every split wav.
+def validate_scan(scan: Scan, *, workers: int = 2, reporter: Reporter = SILENT) -> ValidationReport:
+    """The problems a source found in the annotation files, then every split image decoded and every
+    split wav checked.
 
     Wav formats are counted (`wavs at 16000 Hz, 1 channel(s), 16-bit PCM`); a source that promises one
     format (FACC) makes every other an error.
     """
-    scan = scan_source(name, root, **(source_options or {}))
-    root = scan.root
+    name, root = scan.name, scan.root
     jobs: list[tuple[str, Path]] = []
     for sample in scan.samples:
         if sample.image is not None:

@@ -37,8 +37,8 @@ from trimodal.distributed import position
 from trimodal.errors import ConfigError, TrimodalError
 from trimodal.features.store import FeatureStore, ShardFeatures, StaleCacheError
 from trimodal.features.towers import caption_extent
-from trimodal.pipeline.shard import read_index
-from trimodal.pipeline.stream import index_fingerprint, offsets, read_shard
+from trimodal.pipeline.read.index import read_index
+from trimodal.pipeline.read.shards import index_fingerprint, offsets, read_shard
 from trimodal.training.models.family import MODALITIES
 from trimodal.training.sample_order import EpochPlan, Piece, epoch_batches, plan_epoch, rank_streams, stream_order
 

@@ -18,33 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trimodal.errors import ConfigError, DatasetLayoutError
-from trimodal.pipeline.checks import WavFormat
-from trimodal.pipeline.manifest import available, load_manifest
-from trimodal.pipeline.samples import Problem, Sample
-
-
-@dataclass
-class Scan:
-    """What a source read: the split samples (in the dataset's canonical order), problems and counts."""
-
-    name: str
-    root: Path
-    dataset_dir: Path
-    samples: list[Sample]
-    problems: list[Problem]
-    counts: dict[str, int]
-    audio_source: str | None = None  # the dataset the spoken captions come from (facc, spokencoco, itself)
-    audio_dir: Path | None = None
-    # The format every wav must have; None accepts any PCM or float wav (featurize resamples).
-    wav_format: WavFormat | None = None
-
-    @property
-    def has_audio(self) -> bool:
-        return self.audio_source is not None
-
-    @property
-    def modalities(self) -> list[str]:
-        return ["image", "text"] + (["audio"] if self.has_audio else [])
+from trimodal.pipeline.download.manifest import available, load_manifest
+from trimodal.pipeline.base.scan import Scan
 
 
 ScanFunction = Callable[..., Scan]  # scan(root, name, **options) -> Scan
@@ -100,6 +75,12 @@ def _discover() -> None:
         _discovered = True
 
 
+def has_source(name: str) -> bool:
+    """Whether a module here reads `name`, including one that fails to import (`get_source` names why)."""
+    _discover()
+    return name in _SOURCES or name.replace("-", "_") in _BROKEN
+
+
 def source_names() -> list[str]:
     _discover()
     return sorted(_SOURCES)
@@ -143,12 +124,3 @@ def scan_source(name: str, root: Path | None, **options) -> Scan:
     if root is None and "manifest" not in source.options:
         raise ConfigError(f"--root is required: the folder that holds {name}/")
     return source.scan(Path(root) if root is not None else None, name, **given)
-
-
-
-def compare_counts(counts: dict, expected: dict, name: str, problems: list[Problem]) -> None:
-    """A warning for every count the manifest also states and that differs (same key in both)."""
-    for key, value in expected.items():
-        if key in counts and counts[key] != value:
-            problems.append(Problem("count_differs", "warning", name,
-                                    detail=f"{key}: found {counts[key]:,}, the {name} manifest says {value:,}"))

@@ -21,12 +21,14 @@ import numpy as np
 from trimodal import __version__
 from trimodal.atomic import write_json
 from trimodal.errors import ConfigError, DatasetLayoutError, ShardError
-from trimodal.pipeline.jsonstream import MalformedJson, json_items
-from trimodal.pipeline.npyfiles import FeatureFileError, read_header, scan_nonfinite
-from trimodal.pipeline.samples import Problem, one_line
-from trimodal.pipeline.shard import FORMAT, INDEX, SIDECARS, ShardOptions
-from trimodal.pipeline.sources import Scan, register_source
-from trimodal.pipeline.stream_writer import StreamedSample, StreamShardWriter
+from trimodal.pipeline.base.jsonstream import MalformedJson, json_items
+from trimodal.pipeline.base.npyfiles import FeatureFileError, read_header, scan_nonfinite
+from trimodal.pipeline.base.samples import Problem, one_line
+from trimodal.pipeline.shard.writer import SIDECARS, ShardOptions
+from trimodal.pipeline.read.index import FORMAT, INDEX
+from trimodal.pipeline.base.scan import Scan
+from trimodal.pipeline.sources import register_source
+from trimodal.pipeline.shard.stream_writer import StreamedSample, StreamShardWriter
 from trimodal.progress import SILENT, Reporter
 
 DINO_WIDTH = 768
@@ -246,7 +248,7 @@ def _samples(dataset_dir: Path, parts: list[Part], rule: dict, skipped: list[dic
 
 def _digests(out: Path, paths: list[Path], reporter: Reporter) -> dict[str, str]:
     """sha256 of each features file, cached by (size, mtime) in OUT/.shards/digests.json (GBs each)."""
-    from trimodal.pipeline.fetch import hash_file
+    from trimodal.pipeline.download.fetch import hash_file
 
     cache_path = out / SIDECARS / "digests.json"
     try:

@@ -14,10 +14,11 @@ from pathlib import Path
 
 from trimodal.atomic import atomic_path
 from trimodal.errors import ConfigError, DatasetLayoutError
-from trimodal.pipeline.manifest import load_manifest
-from trimodal.pipeline.samples import Problem
-from trimodal.pipeline.sources import Scan, compare_counts, register_source
-from trimodal.pipeline.url_download import (
+from trimodal.pipeline.download.manifest import load_manifest
+from trimodal.pipeline.base.samples import Problem
+from trimodal.pipeline.base.scan import Scan, compare_counts
+from trimodal.pipeline.sources import register_source
+from trimodal.pipeline.download.urls import (
     SAMPLES_PER_SHARD,
     Img2datasetOptions,
     UrlList,
@@ -25,7 +26,7 @@ from trimodal.pipeline.url_download import (
     download_url_lists,
     url_list_path,
 )
-from trimodal.pipeline.url_report import read_split_record, report_scan
+from trimodal.pipeline.download.url_report import read_split_record, report_scan
 from trimodal.progress import SILENT, Reporter
 
 TSV_FILES = {"train": "Train_GCC-training.tsv", "val": "Validation_GCC-1.1.0-Validation.tsv"}
@@ -39,7 +40,7 @@ _BAD_LINE_EXAMPLES = 5
 
 
 def shard_cc3m(root, name, out, options, *, reporter, **source_options):
-    from trimodal.pipeline.adopt import adopt_splits  # written by another engineer
+    from trimodal.pipeline.shard.adopt import adopt_splits  # written by another engineer
     return adopt_splits(name, {"train": root / name / "train", "val": root / name / "val"}, out, options, reporter=reporter)
 
 

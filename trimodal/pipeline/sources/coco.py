@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trimodal.errors import ConfigError, DatasetLayoutError
-from trimodal.pipeline.marker import read_state
-from trimodal.pipeline.jsonstream import MalformedJson, json_items
-from trimodal.pipeline.manifest import load_manifest
-from trimodal.pipeline.samples import Caption, Problem, Sample, one_line, sample_key
-from trimodal.pipeline.sources import Scan, compare_counts, register_source, spokencoco
+from trimodal.pipeline.download.marker import read_state
+from trimodal.pipeline.base.jsonstream import MalformedJson, json_items
+from trimodal.pipeline.download.manifest import load_manifest
+from trimodal.pipeline.base.samples import Caption, Problem, Sample, one_line, sample_key
+from trimodal.pipeline.base.scan import Scan, compare_counts
+from trimodal.pipeline.sources import register_source, spokencoco
 
 KARPATHY_FILE = "dataset_coco.json"
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}

@@ -18,9 +18,10 @@ from collections import defaultdict
 from pathlib import Path
 
 from trimodal.errors import ConfigError, DatasetLayoutError
-from trimodal.pipeline.jsonstream import MalformedJson, json_items
-from trimodal.pipeline.samples import SPLITS, Caption, Problem, Sample, key_problem, one_line, sample_key
-from trimodal.pipeline.sources import Scan, register_source
+from trimodal.pipeline.base.jsonstream import MalformedJson, json_items
+from trimodal.pipeline.base.samples import SPLITS, Caption, Problem, Sample, key_problem, one_line, sample_key
+from trimodal.pipeline.base.scan import Scan
+from trimodal.pipeline.sources import register_source
 
 SPLIT_ALIASES = {"dev": "val", "valid": "val", "validation": "val"}
 

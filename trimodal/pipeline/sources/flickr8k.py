@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trimodal.errors import DatasetLayoutError
-from trimodal.pipeline.checks import PCM_16K_MONO
-from trimodal.pipeline.manifest import load_manifest
-from trimodal.pipeline.samples import SPLITS, Caption, Problem, Sample
-from trimodal.pipeline.sources import Scan, register_source
+from trimodal.pipeline.base.checks import PCM_16K_MONO
+from trimodal.pipeline.download.manifest import load_manifest
+from trimodal.pipeline.base.samples import SPLITS, Caption, Problem, Sample
+from trimodal.pipeline.base.scan import Scan
+from trimodal.pipeline.sources import register_source
 
 IMAGE_DIRS = ("Flicker8k_Dataset", "Flickr8k_Dataset", "Images")
 TEXT_DIRS = (".", "Flickr8k_text")

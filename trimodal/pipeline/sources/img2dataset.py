@@ -9,13 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from trimodal.errors import DatasetLayoutError
-from trimodal.pipeline.samples import SPLITS
-from trimodal.pipeline.sources import Scan, register_source
+from trimodal.pipeline.base.samples import SPLITS
+from trimodal.pipeline.base.scan import Scan
+from trimodal.pipeline.sources import register_source
 
 
 def split_folders(root: Path) -> dict[str, Path]:
     """split -> folder of tars: `train/`, `val/`, `test/` when present, else the folder itself as train."""
-    from trimodal.pipeline.adopt import find_tars
+    from trimodal.pipeline.shard.adopt import find_tars
 
     root = Path(root)
     if not root.is_dir():
@@ -30,7 +31,7 @@ def split_folders(root: Path) -> dict[str, Path]:
 
 
 def shard_img2dataset(root: Path, name: str, out: Path, options, *, reporter, **source_options) -> dict:
-    from trimodal.pipeline.adopt import adopt_splits
+    from trimodal.pipeline.shard.adopt import adopt_splits
 
     return adopt_splits(name, split_folders(root), out, options, reporter=reporter)
 
@@ -38,7 +39,7 @@ def shard_img2dataset(root: Path, name: str, out: Path, options, *, reporter, **
 @register_source("img2dataset", shard=shard_img2dataset)
 def scan(root: Path, name: str = "img2dataset") -> Scan:
     """What img2dataset's parquet files say about each split: successes and failures by reason."""
-    from trimodal.pipeline.url_report import report_scan
+    from trimodal.pipeline.download.url_report import report_scan
 
     folders = split_folders(root)
     return report_scan(name, Path(root), Path(root), folders)

@@ -1,7 +1,7 @@
 """The built-in mini dataset: coloured shapes, captions that describe them, and those captions spoken.
 
 Laid out exactly like Flickr8k plus FACC's `flickr_audio/`, so every later step treats it like the real
-thing. The shapes, captions and speech come from `trimodal.pipeline.synthetic`, imported only when
+thing. The shapes, captions and speech come from `trimodal.pipeline.synthesize.shapes`, imported only when
 the dataset is made (it needs numpy and Pillow; looking sources up must stay cheap).
 """
 
@@ -17,7 +17,7 @@ from trimodal.progress import SILENT, Reporter
 def synthesize_mini(target: Path, *, seed: int = 0, use_espeak: bool | None = None,
                     reporter: Reporter = SILENT) -> dict:
     """Write the mini dataset into the empty folder `target`; returns what was made."""
-    from trimodal.pipeline.synthetic import SPEAKERS, TEMPLATES, draw_image, plan_images, speak_all, speech_engine
+    from trimodal.pipeline.synthesize.shapes import SPEAKERS, TEMPLATES, draw_image, plan_images, speak_all, speech_engine
 
     speak, speech = speech_engine(use_espeak)
     images = plan_images(seed)

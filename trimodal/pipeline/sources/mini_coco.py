@@ -24,7 +24,7 @@ WRONG_ID_UTTERANCES = 2
 def synthesize_mini_coco(target: Path, *, seed: int = 0, use_espeak: bool | None = None,
                          reporter: Reporter = SILENT) -> dict:
     """Write mini-coco into the empty folder `target`; returns what was made."""
-    from trimodal.pipeline.synthetic import TEMPLATES, draw_image, plan_images, speak_all, speech_engine
+    from trimodal.pipeline.synthesize.shapes import TEMPLATES, draw_image, plan_images, speak_all, speech_engine
 
     speak, speech = speech_engine(use_espeak)
     rng = random.Random(seed + 2)

@@ -13,9 +13,9 @@ import re
 from collections import defaultdict
 from pathlib import Path, PurePosixPath
 
-from trimodal.pipeline.jsonstream import MalformedJson, json_items
-from trimodal.pipeline.manifest import load_manifest
-from trimodal.pipeline.samples import Problem, sample_key
+from trimodal.pipeline.base.jsonstream import MalformedJson, json_items
+from trimodal.pipeline.download.manifest import load_manifest
+from trimodal.pipeline.base.samples import Problem, sample_key
 
 FILES = ("SpokenCOCO_train.json", "SpokenCOCO_val.json")
 _CAPTION_ID = re.compile(r"_(\d+)$")

@@ -17,8 +17,8 @@ import numpy as np
 
 from trimodal.errors import ConfigError
 from trimodal.features.text import OpenClipTokenizer
-from trimodal.pipeline.shard import read_index
-from trimodal.pipeline.stream import read_shard
+from trimodal.pipeline.read.index import read_index
+from trimodal.pipeline.read.shards import read_shard
 from trimodal.training.captions import generate_captions
 from trimodal.training.models.family import EvaluationContext, EvaluationExtras
 

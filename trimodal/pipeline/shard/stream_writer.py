@@ -16,7 +16,7 @@ from pathlib import Path
 
 from trimodal.atomic import write_json
 from trimodal.errors import ShardError
-from trimodal.pipeline.shard import SIDECARS, ShardOptions, TarStream, read_sidecar, remove_stale
+from trimodal.pipeline.shard.writer import SIDECARS, ShardOptions, TarStream, read_sidecar, remove_stale
 
 
 @dataclass

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trimodal.errors import ArchiveError, ManifestError
-from trimodal.pipeline.extract import archive_kind
+from trimodal.pipeline.download.extract import archive_kind
 
 _HEX_LENGTHS = {"md5": 32, "sha256": 64}
 
@@ -73,7 +73,7 @@ def is_archive_name(file: str) -> bool:
 
 def manifest_dir() -> Path:
     """The folder holding the manifests: inside the installed wheel, or at the repository root."""
-    package = Path(__file__).resolve().parent.parent
+    package = Path(__file__).resolve().parents[2]  # trimodal/
     for candidate in (package / "manifests", package.parent / "manifests"):
         if candidate.is_dir():
             return candidate

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from trimodal.atomic import write_json
 from trimodal.errors import DatasetLayoutError
-from trimodal.pipeline.samples import Problem
-from trimodal.pipeline.sources import Scan
+from trimodal.pipeline.base.samples import Problem
+from trimodal.pipeline.base.scan import Scan
 
 SHARD_DIGITS = 5  # img2dataset's oom_shard_count: shards 00000 … 99999
 RECORD_DIR = "_trimodal"

@@ -22,13 +22,12 @@ from pathlib import Path
 from trimodal import __version__
 from trimodal.atomic import write_json
 from trimodal.errors import ConfigError, DatasetLayoutError, ShardError
-from trimodal.pipeline.checks import WavFormat, flac_problem, image_problem, wav_problem
-from trimodal.pipeline.samples import SPLITS, Problem, Sample
-from trimodal.pipeline.sources import Scan, check_options, get_source, scan_source
+from trimodal.pipeline.base.checks import WavFormat, flac_problem, image_problem, wav_problem
+from trimodal.pipeline.base.samples import SPLITS, Problem, Sample
+from trimodal.pipeline.base.scan import Scan
+from trimodal.pipeline.read.index import FORMAT, INDEX
 from trimodal.progress import SILENT, Reporter, Task
 
-FORMAT = "trimodal-shards/1"
-INDEX = "index.json"
 SIDECARS = ".shards"
 TAR_MTIME = 1_577_836_800  # 2020-01-01: fixed, so the same inputs give byte-identical tars
 SHARD_NAME = re.compile(r"(?P<split>[a-z]+)-(?P<number>\d{6})\.tar")
@@ -77,22 +76,13 @@ class ShardJob:
     fingerprint: str
 
 
-def shard_dataset(name: str, root: Path | None, out: Path, options: ShardOptions = ShardOptions(), *,
-                  source_options: dict | None = None, reporter: Reporter = SILENT) -> dict:
-    """Write `out/<split>-%06d.tar` for every split of `root/name` and return the index it wrote.
-
-    `source_options` go to the dataset's source (`splits="official"` for coco2014, `manifest=` for custom).
-    """
+def write_shards(scan: Scan, out: Path, options: ShardOptions = ShardOptions(), *,
+                 reporter: Reporter = SILENT) -> dict:
+    """Write `out/<split>-%06d.tar` for every split of `scan` and return the index it wrote (`index.json`,
+    written last). Shards whose inputs did not change since an earlier run are kept."""
     options.check()
     out = Path(out)
-    source = get_source(name)
-    if source.shard is not None:  # a source that writes or adopts its own shards
-        given = {key: value for key, value in (source_options or {}).items() if value is not None}
-        check_options(source, given)
-        if root is None:
-            raise ConfigError(f"--root is required: the folder that holds {name}/")
-        return source.shard(Path(root), name, out, options, reporter=reporter, **given)
-    scan = scan_source(name, root, **(source_options or {}))
+    name = scan.name
     fatal = [p for p in scan.problems if p.severity == "error" and p.kind in FATAL_KINDS]
     if fatal:
         examples = "; ".join(f"{p.file}{':' + str(p.line) if p.line else ''}: {p.detail}" for p in fatal[:5])
@@ -443,17 +433,3 @@ def _build_index(scan: Scan, jobs: list[ShardJob], records: dict, options: Shard
 
 def _problem_line(problem: Problem) -> str:
     return f"{problem.file}{':' + str(problem.line) if problem.line else ''}: {problem.kind}: {problem.detail}"
-
-
-def read_index(path: Path) -> dict:
-    """The `index.json` of a shard folder; raises ShardError when there is none or it is not ours."""
-    index_path = Path(path) / INDEX
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ShardError(f"{path} has no {INDEX}: it is not a finished shard folder (run `mm shard`)") from None
-    except (OSError, ValueError) as error:
-        raise ShardError(f"cannot read {index_path}: {error}") from error
-    if index.get("format") != FORMAT:
-        raise ShardError(f"{index_path} has format {index.get('format')!r}; this trimodal reads {FORMAT!r}")
-    return index

@@ -27,7 +27,7 @@ from pathlib import Path
 from trimodal.atomic import atomic_path
 from trimodal.errors import ConfigError, DownloadError
 from trimodal.progress import SILENT, Reporter
-from trimodal.pipeline.url_report import (RECORD_DIR, SHARD_DIGITS, STATS, SplitReport, _report, _split_rows,
+from trimodal.pipeline.download.url_report import (RECORD_DIR, SHARD_DIGITS, STATS, SplitReport, _report, _split_rows,
                                           _unresolved, completed_shards, read_split_record, shard_name,
                                           split_report, unfinished_shards, write_split_record)
 
@@ -190,7 +190,7 @@ def run_img2dataset(jobs: list[Img2datasetJob], options: Img2datasetOptions, *, 
         raise UrlDownloadError(f"img2dataset is not importable by {sys.executable}: install it "
                                "(pip install 'img2dataset>=1.45') and run the same command again")
     arguments = [{"split": job.split, **options.arguments(job.url_list, job.output, job.mode)} for job in jobs]
-    package_parent = str(Path(__file__).resolve().parents[2])
+    package_parent = str(Path(__file__).resolve().parents[3])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")])),
            "NO_ALBUMENTATIONS_UPDATE": "1", "TQDM_DISABLE": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     log.parent.mkdir(parents=True, exist_ok=True)

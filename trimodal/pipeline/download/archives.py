@@ -8,20 +8,20 @@ hook says so, so a rerun after an interruption resumes it.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from trimodal import __version__
 from trimodal.atomic import write_json
 from trimodal.errors import ArchiveError, ChecksumError, ConfigError, DiskSpaceError, DownloadError, ManifestError
-from trimodal.pipeline.extract import extract_archive
-from trimodal.pipeline.fetch import FetchPolicy, fetch, free_bytes, hash_file
-from trimodal.pipeline.manifest import Archive, Manifest, load_manifest
-from trimodal.pipeline.marker import read_marker, read_state, write_marker
+from trimodal.pipeline.download.extract import extract_archive
+from trimodal.pipeline.download.fetch import FetchPolicy, fetch, free_bytes, hash_file
+from trimodal.pipeline.download.manifest import Archive, Manifest
+from trimodal.pipeline.download.marker import read_marker, read_state, write_marker
 from trimodal.progress import SILENT, Reporter
 
 DOWNLOADS = ".downloads"
@@ -52,35 +52,35 @@ class DownloadResult:
     step: dict | None = None
 
 
-def download_dataset(
-    name: str,
+def download(
+    manifest: Manifest,
     root: Path,
     *,
+    hook: Callable[..., dict] | None = None,
+    hook_options: dict | None = None,
+    synthesize: Callable[..., dict] | None = None,
     mirror: str | None = None,
     verify: bool = True,
     force: bool = False,
     keep_archives: bool = False,
     only: list[str] | None = None,
-    download_options: dict | None = None,
     reporter: Reporter = SILENT,
     policy: FetchPolicy = FetchPolicy(),
 ) -> DownloadResult:
-    """Make `root/name` hold the dataset (or the parts named in `only`); what is complete is left alone
-    without any request.
+    """Make `root/<manifest.name>` hold the files of `manifest` (or the parts named in `only`); what is
+    complete is left alone without any request.
 
-    `download_options` (None values ignored) go to the source's download hook, e.g. cc3m's
-    `{"processes": 8, "max_samples": 1000}`; an option the source does not take is a ConfigError.
-    The hook runs on every call once all files are present: it decides what is left to do, and a
-    complete dataset makes it return without starting anything.
+    `hook` is the dataset's download step (run with `hook_options` once all files are present: it decides
+    what is left to do, and a complete dataset makes it return without starting anything); `synthesize`
+    writes a synthetic dataset. Both come from the dataset's source (`trimodal.pipeline.datasets`).
     """
-    manifest = load_manifest(name)
+    name = manifest.name
     root = Path(root)
     target = root / name
     if manifest.local:
         raise ConfigError(f"{name} is your own data: there is nothing to download "
                           f"(run `mm validate {name}` and `mm shard {name}` on its folder)")
-    given = {key: value for key, value in (download_options or {}).items() if value is not None}
-    hook = _download_hook(manifest, given)
+    given = dict(hook_options or {})
     wanted = _wanted_archives(manifest, only)
     complete = None
     if force and not only:
@@ -91,7 +91,7 @@ def download_dataset(
             return DownloadResult(name, target, already_complete=True, synthetic=manifest.synthetic)
 
     if manifest.synthetic:
-        return _synthesize(manifest, root, reporter)
+        return _synthesize(manifest, root, reporter, synthesize)
 
     state = read_state(target)
     if not complete and (state.get("dataset") not in (None, name) or state.get("verified", verify) != verify):
@@ -129,19 +129,6 @@ def download_dataset(
     step = _run_step(hook, state, manifest, target, given, reporter)
     return DownloadResult(name, target, already_complete=not fetched and not step.get("ran", True),
                           archives=outcomes, step=step)
-
-
-def _download_hook(manifest: Manifest, given: dict):
-    """The source's download hook (None when it has none), once `given` is known to hold only its options."""
-    from trimodal.pipeline import sources
-
-    module = f"{sources.__name__}.{manifest.name.replace('-', '_')}"
-    if not manifest.joins and (manifest.name in sources.source_names() or importlib.util.find_spec(module)):
-        source = sources.get_source(manifest.name)  # a module that does not import is named here
-    else:  # read through the dataset it joins (facc, spokencoco): no source, no hook
-        source = sources.Source(manifest.name, scan=lambda *args, **kwargs: None)
-    sources.check_options(source, given, "download_options")
-    return source.download
 
 
 def _run_step(hook, state: dict, manifest: Manifest, target: Path, given: dict, reporter: Reporter) -> dict:
@@ -257,7 +244,7 @@ def _download_archive(
 def _resolved(urls: tuple[str, ...]) -> list[str]:
     """`urls` with each `osf://PROJECT/FOLDER/FILE` replaced by its download link (OSF's API is asked only
     when a download starts); one that cannot be resolved is left out, unless none is left."""
-    from trimodal.pipeline import osf
+    from trimodal.pipeline.download import osf
 
     resolved, failures = [], []
     for url in urls:
@@ -340,10 +327,7 @@ def _merge_into(staging: Path, target: Path) -> None:
         os.replace(entry, destination)
 
 
-def _synthesize(manifest: Manifest, root: Path, reporter: Reporter) -> DownloadResult:
-    from trimodal.pipeline.sources import get_source
-
-    synthesize = get_source(manifest.name).synthesize
+def _synthesize(manifest: Manifest, root: Path, reporter: Reporter, synthesize) -> DownloadResult:
     if synthesize is None:
         raise ManifestError(f"{manifest.path}: synthetic, but the {manifest.name} source registers no synthesizer")
     target = root / manifest.name

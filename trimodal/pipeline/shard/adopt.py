@@ -19,9 +19,10 @@ from pathlib import Path
 from trimodal import __version__
 from trimodal.atomic import write_json
 from trimodal.errors import DatasetLayoutError, ShardError
-from trimodal.pipeline.samples import key_problem
-from trimodal.pipeline.stream import IMAGE_SUFFIXES
-from trimodal.pipeline.shard import FORMAT, INDEX, SIDECARS, ShardOptions, TarStream, read_sidecar, remove_stale
+from trimodal.pipeline.base.samples import key_problem
+from trimodal.pipeline.read.shards import IMAGE_SUFFIXES
+from trimodal.pipeline.shard.writer import SIDECARS, ShardOptions, TarStream, read_sidecar, remove_stale
+from trimodal.pipeline.read.index import FORMAT, INDEX
 from trimodal.progress import SILENT, Reporter
 
 _MAGIC = {"jpg": (b"\xff\xd8",), "jpeg": (b"\xff\xd8",), "png": (b"\x89PNG",), "webp": (b"RIFF",)}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trimodal.pipeline.synthetic import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, TEMPLATES
+from trimodal.pipeline.synthesize.shapes import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, TEMPLATES
 
 WIDTH = 768
 _BLOCK = 50_000
