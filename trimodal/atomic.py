@@ -1,4 +1,7 @@
-"""Atomic file writes: write `*.tmp` beside the target, then `os.replace`, so a reader never sees half a file."""
+"""Atomic file writes: write `*.tmp` beside the target, then `os.replace`, so a reader never sees half a file.
+
+`write_json` and `write_jsonl` also take an object-storage path (`trimodal.storage`), where the object
+appears whole when its upload completes."""
 
 from __future__ import annotations
 
@@ -23,11 +26,15 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 def write_jsonl(path: Path, rows) -> None:
     """One JSON object per line."""
-    with atomic_path(path) as temporary:
-        temporary.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    _write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def write_json(path: Path, value, *, sort_keys: bool = False) -> None:
-    with atomic_path(path) as temporary:
-        temporary.write_text(json.dumps(value, indent=2, ensure_ascii=False, sort_keys=sort_keys) + "\n",
-                             encoding="utf-8")
+    _write_text(path, json.dumps(value, indent=2, ensure_ascii=False, sort_keys=sort_keys) + "\n")
+
+
+def _write_text(path, text: str) -> None:
+    from trimodal.storage import location, open_atomic
+
+    with open_atomic(location(path), "wb") as handle:
+        handle.write(text.encode("utf-8"))

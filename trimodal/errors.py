@@ -50,3 +50,7 @@ class ShardError(TrimodalError):
 
 class ConfigError(TrimodalError):
     """A configuration file or override is invalid."""
+
+
+class StorageError(TrimodalError):
+    """Object storage (or a path given as a URL) failed: no such bucket or key, access denied, unreachable."""

@@ -12,7 +12,7 @@ from trimodal.cli.tables import caption_table, recall_table
 
 
 def evaluate(
-    run: Annotated[Path, typer.Argument(help="A run folder written by `mm train`.")],
+    run: Annotated[str, typer.Argument(help="A run folder written by `mm train` (or its URL).")],
     split: Annotated[str, typer.Option("--split", help="Split to evaluate.")] = "test",
     checkpoint: Annotated[str, typer.Option("--checkpoint", help="best or last.")] = "best",
     folds: Annotated[int | None, typer.Option("--folds", help=(
@@ -24,8 +24,8 @@ def evaluate(
     beams: Annotated[int, typer.Option("--beams", min=1, help=(
         "Captioning families: beam width of the generated captions (1 is greedy; 3, as most published "
         "COCO captioning results)."))] = 3,
-    shards: Annotated[Path | None, typer.Option("--shards", help="Shards (default: the run's).")] = None,
-    features: Annotated[Path | None, typer.Option("--features", help="Feature store (default: the run's).")] = None,
+    shards: Annotated[str | None, typer.Option("--shards", help="Shards (default: the run's).")] = None,
+    features: Annotated[str | None, typer.Option("--features", help="Feature store (default: the run's).")] = None,
     device: Device = "auto",
 ) -> None:
     """Recall@1/5/10 and median rank in all six directions; writes RUN/eval-<split>.json. Families that
@@ -34,7 +34,12 @@ def evaluate(
     Example: mm eval runs/mmn --split test --ttt
     Example: mm eval runs/coco --split test --folds 5
     """
+    from trimodal.storage import location
     from trimodal.training.eval_run import evaluate_run
+
+    run = location(run)
+    shards = location(shards) if shards is not None else None
+    features = location(features) if features is not None else None
 
     result = evaluate_run(run, split=split, checkpoint=checkpoint, ttt=ttt, shards=shards, features=features,
                           device=device, ttt_k=ttt_k, ttt_step=ttt_step, folds=folds, beams=beams)

@@ -12,8 +12,9 @@ from trimodal.cli.console import Device, Workers, console, reporter, say, warn
 
 
 def featurize(
-    shards: Annotated[Path, typer.Argument(help="Shard folder written by `mm shard` (with index.json).")],
-    out: Annotated[Path, typer.Option("--out", help="The zarr feature store to write.")],
+    shards: Annotated[str, typer.Argument(help="Shard folder written by `mm shard` (with index.json), or its "
+                                                 "s3://, gs:// URL.")],
+    out: Annotated[str, typer.Option("--out", help="The zarr feature store to write (a folder or a URL).")],
     audio: Annotated[str, typer.Option("--audio", help=(
         "Audio features: mel80 (log-mels); torchaudio:<HUBERT_BASE|WAV2VEC2_BASE|WAVLM_BASE>[:<weights file>|"
         ":pretrained][:layer=N] (a speech tower's frame states after layer N, default the last); or none."))] = "mel80",
@@ -46,6 +47,9 @@ def featurize(
     from trimodal.features.featurize import FeaturizeOptions
     from trimodal.features.featurize import featurize as run_featurize
 
+    from trimodal.storage import location
+
+    shards, out = location(shards), location(out)
     options = FeaturizeOptions(
         audio=None if audio == "none" else audio, image=None if image == "none" else image,
         image_tokens=image_tokens, text=None if text == "none" else text, text_tokens=text_tokens,

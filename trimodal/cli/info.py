@@ -13,7 +13,7 @@ from trimodal.cli.console import AsJson, console, human_bytes, warn
 
 
 def info(
-    path: Annotated[Path, typer.Argument(help="A shard folder or a raw dataset root.")],
+    path: Annotated[str, typer.Argument(help="A shard folder (or its URL) or a raw dataset root.")],
     as_json: AsJson = False,
 ) -> None:
     """Summarise a shard folder (splits, samples, shards, bytes) or what a dataset root holds.
@@ -22,6 +22,9 @@ def info(
     """
     from trimodal.pipeline.info import describe
 
+    from trimodal.storage import location
+
+    path = location(path)
     summary = describe(path)
     if as_json:
         print(json.dumps(summary, indent=2))

@@ -15,7 +15,8 @@ from trimodal.cli.console import JsonlManifest, SourceRoot, Splits, Workers, con
 def shard(
     name: Annotated[str, typer.Argument(help=f"Dataset: {datasets.readable()}; {datasets.joined()} are "
                                              "added when downloaded under the same --root.")],
-    out: Annotated[Path, typer.Option("--out", help="Output folder for <split>-%06d.tar and index.json.")],
+    out: Annotated[str, typer.Option("--out", help="Output folder for <split>-%06d.tar and index.json (or an "
+                                                       "s3://, gs:// URL).")],
     root: SourceRoot = None,
     max_samples: Annotated[int, typer.Option("--max-samples", help="At most this many samples per shard.")] = 1000,
     max_mb: Annotated[float, typer.Option("--max-mb", help="At most this many MB per shard.")] = 500.0,
@@ -40,6 +41,9 @@ def shard(
     from trimodal.pipeline.shard.writer import ShardOptions
     from trimodal.pipeline.datasets import shard_dataset
 
+    from trimodal.storage import location
+
+    out = location(out)
     options = ShardOptions(max_samples=max_samples, max_mb=max_mb, seed=seed, max_bad=max_bad, workers=workers)
     with reporter() as progress:
         index = shard_dataset(name, root, out, options, reporter=progress,

@@ -14,9 +14,9 @@ from trimodal.signals import RESUMABLE_EXIT
 
 def train(
     config: Annotated[Path, typer.Argument(help="A TOML run config, e.g. configs/mmn-tiny.toml.")],
-    shards: Annotated[Path, typer.Option("--shards", help="Shard folder (index.json).")],
-    features: Annotated[Path, typer.Option("--features", help="Feature store written by `mm featurize`.")],
-    out: Annotated[Path, typer.Option("--out", help="Run folder: checkpoints, metrics, plots.")],
+    shards: Annotated[str, typer.Option("--shards", help="Shard folder (index.json), or its s3://, gs:// URL.")],
+    features: Annotated[str, typer.Option("--features", help="Feature store written by `mm featurize` (or a URL).")],
+    out: Annotated[str, typer.Option("--out", help="Run folder: checkpoints, metrics, plots (or a URL).")],
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in OUT from its last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty OUT.")] = False,
     time_limit: Annotated[str | None, typer.Option(
@@ -42,10 +42,12 @@ def train(
     data position is written, and mm exits with status 75; --resume continues exactly there. A second Ctrl-C
     stops at once (the previous checkpoint stays whole).
     """
+    from trimodal.storage import location
     from trimodal.training.stopping import parse_time_limit
     from trimodal.training.trainer import train as run_train
 
     minutes = parse_time_limit(time_limit) if time_limit is not None else None
+    shards, features, out = location(shards), location(features), location(out)
     with reporter() as progress:
         result = run_train(config, shards, features, out, resume=resume, overwrite=overwrite,
                            overrides=overrides or [], reporter=progress, on_start=_say_start, time_limit=minutes)

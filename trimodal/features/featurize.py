@@ -13,7 +13,6 @@ through, rank 0 writes the parts into the store in shard order, exactly as one p
 from __future__ import annotations
 
 import json
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from trimodal.features.text import make_text_extractors
 from trimodal.pipeline.base.samples import SPLITS
 from trimodal.pipeline.read.index import read_index
 from trimodal.pipeline.read.shards import ShardContents, index_fingerprint, offsets, read_shard
+from trimodal.storage import location, remove_tree
 from trimodal.progress import SILENT, Reporter
 
 
@@ -131,7 +131,7 @@ def featurize(shards: Path, store_path: Path, options: FeaturizeOptions = Featur
     if options.batch_size < 1 or options.workers < 1:
         raise ConfigError("--batch-size and --workers must be at least 1")
     with distributed.session(options.device, timeout_s=options.dist_timeout_s) as dist:
-        return _featurize(Path(shards), Path(store_path), options, dist, reporter if dist.main else SILENT, stop_after)
+        return _featurize(location(shards), location(store_path), options, dist, reporter if dist.main else SILENT, stop_after)
 
 
 def _featurize(shards: Path, store_path: Path, options: FeaturizeOptions, dist: distributed.Dist, reporter: Reporter,
@@ -151,7 +151,7 @@ def _featurize(shards: Path, store_path: Path, options: FeaturizeOptions, dist: 
             store = _open_or_create(store_path, shards, index, splits, config, fingerprint, extractors,
                                     options.overwrite, parts)
         except OSError as error:  # a full disk or an unwritable path: nothing was complete, so nothing is kept
-            shutil.rmtree(store_path, ignore_errors=True)
+            remove_tree(store_path)
             raise TrimodalError(f"cannot create the feature store {store_path}: {error.strerror or error}") from error
         return [slot.name for slot in store.slots.values() if not slot.done and parts.complete(slot.name)]
 

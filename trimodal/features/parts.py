@@ -18,20 +18,32 @@ from pathlib import Path
 
 import numpy as np
 
-from trimodal.errors import TrimodalError
+from trimodal.errors import StorageError, TrimodalError
 from trimodal.features.store import ShardFeatures, decode_keys, encode_keys
+from trimodal.storage import location, open_atomic, remove_tree, storage_errors, write_bytes
+
+_COMPLETE = ".complete"
 
 
 class Parts:
     """The `<store>.parts/` folder beside a store."""
 
     def __init__(self, store: Path):
-        self.folder = Path(str(Path(store)).rstrip("/") + ".parts")
+        self.folder = location(str(store).rstrip("/") + ".parts")
+        # Object storage has no rename: a part there is complete once its marker object exists, written
+        # after its arrays.
+        self.remote = not isinstance(self.folder, Path)
 
     def complete(self, shard: str) -> bool:
+        if self.remote:
+            with storage_errors(f"reading {self.folder}"):
+                return (self.folder / shard / _COMPLETE).exists()
         return (self.folder / shard).is_dir()
 
     def write(self, shard: str, features: ShardFeatures) -> None:
+        if self.remote:
+            self._write_objects(shard, features)
+            return
         temporary, final = self.folder / f"{shard}.tmp", self.folder / shard
         try:
             shutil.rmtree(temporary, ignore_errors=True)
@@ -47,8 +59,29 @@ class Parts:
             raise TrimodalError(f"cannot write the features of {shard} into {self.folder}: {error.strerror or error}; "
                                 "parts already written are kept, run the same command again to continue") from error
 
+    def _write_objects(self, shard: str, features: ShardFeatures) -> None:
+        folder = self.folder / shard
+        arrays = {"keys": encode_keys(features.keys)}
+        arrays.update({field.name: np.asarray(getattr(features, field.name)) for field in fields(ShardFeatures)
+                       if field.name != "keys" and getattr(features, field.name) is not None})
+        try:
+            for name, value in arrays.items():
+                with open_atomic(folder / f"{name}.npy") as handle:
+                    np.save(handle, value)
+            write_bytes(folder / _COMPLETE, b"")
+        except StorageError as error:
+            raise TrimodalError(f"cannot write the features of {shard} into {self.folder}: {error}; parts already "
+                                "written are kept, run the same command again to continue") from error
+
     def read(self, shard: str) -> ShardFeatures:
         folder = self.folder / shard
+        if self.remote:
+            with storage_errors(f"reading {folder}"):
+                arrays = {}
+                for path in folder.glob("*.npy"):
+                    with path.open("rb") as handle:
+                        arrays[path.stem] = np.load(handle, allow_pickle=False)
+            return ShardFeatures(keys=decode_keys(arrays.pop("keys")), **arrays)
         if not (folder / "keys.npy").is_file():
             raise TrimodalError(f"the features of {shard} are not in {self.folder}: every rank must write where rank 0 "
                                 "reads (the store's folder on storage that every node sees)")
@@ -60,8 +93,8 @@ class Parts:
         return ShardFeatures(keys=keys, **arrays)
 
     def remove(self, shard: str) -> None:
-        shutil.rmtree(self.folder / shard, ignore_errors=True)
+        remove_tree(self.folder / shard)
 
     def finish(self) -> None:
         """Remove the folder once every part went into the store."""
-        shutil.rmtree(self.folder, ignore_errors=True)
+        remove_tree(self.folder)

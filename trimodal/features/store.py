@@ -24,7 +24,6 @@ order by one process; the mel array grows shard by shard (metadata-only resizes)
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,8 +31,9 @@ import numpy as np
 import zarr
 
 from trimodal import __version__
-from trimodal.errors import TrimodalError
+from trimodal.errors import StorageError, TrimodalError
 from trimodal.pipeline.base.samples import KEY_BYTES, key_problem
+from trimodal.storage import absolute, location, remove_tree, storage_errors
 
 FORMAT = "trimodal-features/1"
 KEY_WIDTH = KEY_BYTES
@@ -126,7 +126,7 @@ def config_differences(stored: dict, wanted: dict, prefix: str = "") -> list[str
 
 class FeatureStore:
     def __init__(self, path: Path, group: zarr.Group):
-        self.path, self.group = Path(path), group
+        self.path, self.group = location(path), group
 
     def __getstate__(self) -> dict:
         return {"path": self.path, "mode": self.group.store.read_only}
@@ -140,11 +140,15 @@ class FeatureStore:
 
     @classmethod
     def open(cls, path: Path, mode: str = "r") -> "FeatureStore":
-        path = Path(path)
-        if not (path / "zarr.json").is_file():
+        path = location(path)
+        with storage_errors(f"opening the feature store {path}"):
+            found = (path / "zarr.json").is_file()
+        if not found:
             raise TrimodalError(f"{path} is not a feature store (run `mm featurize SHARDS --out {path}`)")
-        try:
+        try:  # a URL goes to zarr's fsspec store, with fsspec's credentials
             group = zarr.open_group(str(path), mode=mode)
+        except (OSError, StorageError) as error:
+            raise StorageError(f"cannot open feature store {path}: {error}") from error
         except Exception as error:  # zarr raises assorted types for damaged metadata
             raise TrimodalError(f"cannot open feature store {path}: {error}") from error
         if group.attrs.get("format") != FORMAT:
@@ -155,9 +159,8 @@ class FeatureStore:
     def create(cls, path: Path, *, slots: list[ShardSlot], config: dict, fingerprint: str, shards_path: Path,
                dims: dict) -> "FeatureStore":
         """A new, empty store with every array pre-sized except the mel frames (which grow)."""
-        path = Path(path)
-        if path.exists():
-            shutil.rmtree(path)
+        path = location(path)
+        remove_tree(path)
         group = zarr.open_group(str(path), mode="w")
         rows = slots[-1].rows[1] if slots else 0
         captions = slots[-1].captions[1] if slots else 0
@@ -190,7 +193,7 @@ class FeatureStore:
             array("audio/caption_ids", (utterances,), "int32", 65536)
         group.attrs.update({
             "format": FORMAT, "created_with": f"trimodal {__version__}", "config": config,
-            "shards_fingerprint": fingerprint, "shards_path": str(Path(shards_path).resolve()),
+            "shards_fingerprint": fingerprint, "shards_path": str(absolute(shards_path)),
             "counts": {"rows": rows, "captions": captions, "utterances": utterances},
             "frames_committed": 0, "slots": [_slot_dict(slot) for slot in slots],
         })

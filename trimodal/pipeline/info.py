@@ -10,14 +10,18 @@ from trimodal.pipeline.download.archives import DOWNLOADS
 from trimodal.pipeline.download.marker import MARKER, read_state
 from trimodal.pipeline.download.manifest import available
 from trimodal.pipeline.read.index import INDEX, read_index
+from trimodal.storage import location, storage_errors
 
 
 def describe(path: Path) -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise TrimodalError(f"{path} does not exist")
-    if (path / INDEX).is_file():
-        return describe_shards(path)
+    path = location(path)
+    with storage_errors(f"reading {path}"):
+        if not path.exists():
+            raise TrimodalError(f"{path} does not exist")
+        shards = (path / INDEX).is_file()
+    if shards:
+        with storage_errors(f"reading {path}"):
+            return describe_shards(path)
     if (path / MARKER).is_file():  # a dataset folder itself: describe its root, this dataset only
         return describe_root(path.parent, only=path.name)
     return describe_root(path)

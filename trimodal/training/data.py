@@ -38,6 +38,7 @@ from trimodal.errors import ConfigError, TrimodalError
 from trimodal.features.store import FeatureStore, ShardFeatures, StaleCacheError
 from trimodal.features.towers import caption_extent
 from trimodal.pipeline.read.index import read_index
+from trimodal.storage import location
 from trimodal.pipeline.read.shards import index_fingerprint, offsets, read_shard
 from trimodal.training.models.family import MODALITIES
 from trimodal.training.sample_order import EpochPlan, Piece, epoch_batches, plan_epoch, rank_streams, stream_order
@@ -96,12 +97,13 @@ class Sources:
 
 def open_sources(shards: Path, features: Path, splits: Sequence[str] = ()) -> Sources:
     """The shards' index and the store, checked to belong together and to hold each of `splits` completely."""
-    index = read_index(Path(shards))
-    store = FeatureStore.open(Path(features))
+    shards, features = location(shards), location(features)
+    index = read_index(shards)
+    store = FeatureStore.open(features)
     if store.fingerprint != index_fingerprint(index, store.config["splits"]):
         raise StaleCacheError(f"{features} was computed from other shards than {shards} (stale cache); "
                               "run `mm featurize` again with --overwrite")
-    sources = Sources(Path(shards), Path(features), index, store)
+    sources = Sources(shards, features, index, store)
     for split in splits:
         sources.check(split)
     return sources
@@ -210,7 +212,7 @@ class TrimodalDataset(IterableDataset):
         unknown = set(modalities) - set(MODALITIES)
         if unknown or not modalities:
             raise ConfigError(f"modalities must be a non-empty subset of {MODALITIES} (got {list(modalities)})")
-        self.sources = shards if isinstance(shards, Sources) else open_sources(Path(shards), Path(features), [split])
+        self.sources = shards if isinstance(shards, Sources) else open_sources(shards, features, [split])
         self.sources.check(split)
         self.split = split
         self.modalities = tuple(m for m in MODALITIES if m in modalities)

@@ -16,6 +16,7 @@ from trimodal.training.evaluate import (adapted_latents, embed_split, fold_sizes
 from trimodal.training.models import build_model, families_where
 from trimodal.training.models.family import EvaluationContext
 from trimodal.training.settings import TrainConfig
+from trimodal.training.run_storage import RunFolder
 from trimodal.training.trainer import CHECKPOINTS, max_audio_frames
 
 
@@ -58,12 +59,16 @@ def evaluate_run(run: Path, *, split: str = "test", checkpoint: str = "best", tt
     decoded with `beams`, 1 greedy, 3 the default, and `run/captions-<split>.jsonl`)."""
     if beams < 1:
         raise ConfigError(f"--beams must be at least 1 (got {beams})")
-    train = read_resolved_config(Path(run))["train"]
+    folder = RunFolder(run)  # a run in object storage: its config and checkpoint in a local copy
+    folder.fetch(["config.resolved.toml", f"{CHECKPOINTS}/{checkpoint}.safetensors"])
+    train = read_resolved_config(folder.local)["train"]
     with distributed.session(device, backend=train.get("dist_backend", "auto"),
                              timeout_s=float(train.get("dist_timeout_s", distributed.DEFAULT_TIMEOUT_S))) as dist:
-        return _evaluate(Path(run), dist, split=split, checkpoint=checkpoint, ttt=ttt, shards=shards,
+        result = _evaluate(folder.local, dist, split=split, checkpoint=checkpoint, ttt=ttt, shards=shards,
                          features=features, ttt_options={k: v for k, v in (("k", ttt_k), ("step", ttt_step))
                                                          if v is not None}, folds=folds, beams=beams)
+        distributed.on_main(folder.publish, "writing the evaluation to the run")
+        return result
 
 
 def _evaluate(run: Path, dist, *, split: str, checkpoint: str, ttt: bool, shards: Path | None,

@@ -17,7 +17,6 @@ validation embeds each rank's share of the split and gathers it; rank 0 alone wr
 from __future__ import annotations
 
 import random
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -41,6 +40,8 @@ from trimodal.training.models import build_model, model_defaults, parameter_coun
 from trimodal.training.models.family import Family, store_settings
 from trimodal.training.optimization import Optimization
 from trimodal.training.plots import plot_run
+from trimodal.storage import absolute
+from trimodal.training.run_storage import RunFolder
 from trimodal.training.run_files import RunLog, truncate_metrics, write_resolved_config
 from trimodal.training.settings import TrainConfig
 from trimodal.training.stopping import Stop, StepBoundary
@@ -109,20 +110,6 @@ def build_from_config(config: RunConfig, store_config: dict) -> tuple[Family, di
     return build_model(config.model_name, **settings), settings
 
 
-def prepare_run_dir(run: Path, *, resume: bool, overwrite: bool) -> None:
-    if resume and overwrite:
-        raise ConfigError("--resume and --overwrite contradict each other")
-    if resume:
-        if not (run / CHECKPOINTS / "last.state.pt").is_file():
-            raise TrimodalError(f"{run} has no checkpoints/last.state.pt to resume from")
-        return
-    if run.exists() and any(run.iterdir()):
-        if not overwrite:
-            raise TrimodalError(f"{run} is not empty; pass --resume to continue that run or --overwrite to replace it")
-        shutil.rmtree(run)
-    run.mkdir(parents=True, exist_ok=True)
-
-
 def train(config_path: Path, shards: Path, features: Path, out: Path, *, resume: bool = False,
           overwrite: bool = False, overrides: list[str] = (), reporter: Reporter = SILENT,
           stop_after_epoch: int | None = None, stop_at_step: int | None = None, time_limit: float | None = None,
@@ -143,15 +130,16 @@ def train(config_path: Path, shards: Path, features: Path, out: Path, *, resume:
     with StopRequests() as requests, distributed.session(settings.device, backend=settings.dist_backend,
                                                          timeout_s=settings.dist_timeout_s) as dist:
         boundary = StepBoundary(settings, dist, requests, started, stop_at_step)
-        return _train(config, Path(shards).resolve(), Path(features).resolve(), Path(out), dist, boundary,
+        return _train(config, absolute(shards), absolute(features), RunFolder(out), dist, boundary,
                       resume=resume, overwrite=overwrite, reporter=reporter if dist.main else SILENT,
                       stop_after_epoch=stop_after_epoch, on_start=on_start if dist.main else None)
 
 
-def _train(config: RunConfig, shards: Path, features: Path, run: Path, dist: distributed.Dist,
+def _train(config: RunConfig, shards: Path, features: Path, folder: RunFolder, dist: distributed.Dist,
            boundary: StepBoundary, *, resume: bool, overwrite: bool, reporter: Reporter,
            stop_after_epoch: int | None, on_start) -> TrainResult:
     settings = config.train
+    run = folder.local  # the run's own folder, or the local copy of one in object storage
     val_split = settings.val_split
     sources = open_sources(shards, features, ["train"])
     has_val = val_split in sources.store.splits() and val_split in sources.index["splits"]
@@ -169,7 +157,7 @@ def _train(config: RunConfig, shards: Path, features: Path, run: Path, dist: dis
     if unread:
         raise ConfigError(f"model {config.model_name!r} reads {', '.join(model.modalities)}, not {', '.join(unread)}; "
                           f"set train.modalities to {list(model.modalities)}")
-    distributed.on_main(lambda: prepare_run_dir(run, resume=resume, overwrite=overwrite), "preparing the run folder")
+    distributed.on_main(lambda: folder.prepare(resume=resume, overwrite=overwrite), "preparing the run folder")
     state = distributed.on_main(lambda: _read_state(run) if resume else None, "reading the checkpoint")
     streams, notes = _data_streams(settings, dist.world_size, state)
     if state is not None and not state.get("epoch_done", True):
@@ -238,8 +226,11 @@ def _train(config: RunConfig, shards: Path, features: Path, run: Path, dist: dis
         randoms = distributed.all_gather_object(random_states(dist.device))
         state = {**progress(epoch, step), "epoch_done": False, "batches_done": done, "random": randoms,
                  "running": {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in running.items()}}
-        distributed.on_main(lambda: save_checkpoint(run / CHECKPOINTS, model, state, keep=settings.keep_checkpoints),
-                            "writing a checkpoint")
+        def write() -> None:
+            save_checkpoint(run / CHECKPOINTS, model, state, keep=settings.keep_checkpoints)
+            folder.publish()
+
+        distributed.on_main(write, "writing a checkpoint")
         boundary.checkpointed(time.monotonic() - began)
 
     last_val, train_seconds, train_steps, seen, stopped = None, 0.0, 0, 0, None
@@ -282,8 +273,8 @@ def _train(config: RunConfig, shards: Path, features: Path, run: Path, dist: dis
                 best, best_epoch = score, epoch
             end_state = {**progress(epoch, step), "epoch_done": True}
             began = time.monotonic()
-            distributed.on_main(lambda: _end_epoch(run, model, log, record, end_state, improved,
-                                                   settings.keep_checkpoints), "writing checkpoints")
+            distributed.on_main(lambda: (_end_epoch(run, model, log, record, end_state, improved,
+                                                    settings.keep_checkpoints), folder.publish()), "writing checkpoints")
             boundary.checkpointed(time.monotonic() - began)
             if stop_after_epoch is not None and epoch >= stop_after_epoch:
                 break
@@ -294,7 +285,8 @@ def _train(config: RunConfig, shards: Path, features: Path, run: Path, dist: dis
                 break
     finally:
         log.close()
-    return TrainResult(run, parameters, str(dist.device), settings.epochs - start_epoch, best_epoch,
+    distributed.on_main(folder.publish, "publishing the run")  # the last records and TensorBoard events
+    return TrainResult(folder.target, parameters, str(dist.device), settings.epochs - start_epoch, best_epoch,
                        best if best_epoch is not None and val_data is not None else None, last_val,
                        train_seconds, train_steps, trainable, dist.world_size, seen, stopped)
 

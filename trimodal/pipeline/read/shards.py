@@ -7,12 +7,14 @@ import json
 import random
 import tarfile
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from trimodal.errors import ShardError
+from trimodal.storage import location, storage_errors
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")  # what img2dataset can write; our own shards use jpg and png
 
@@ -25,7 +27,7 @@ def iter_samples(path: Path, suffixes: set[str] | None = None) -> Iterator[tuple
     """
     key, members = None, {}
     try:
-        with tarfile.open(path, mode="r:") as tar:
+        with _open_tar(path) as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -41,6 +43,27 @@ def iter_samples(path: Path, suffixes: set[str] | None = None) -> Iterator[tuple
         raise ShardError(f"cannot read shard {path}: {error}") from error
     if key is not None:
         yield key, members
+
+
+# Object storage is read in order, `READ_AHEAD` bytes at a time: a bounded read-ahead, not a copy.
+READ_AHEAD = 8 << 20
+
+
+@contextmanager
+def _open_tar(path) -> Iterator[tarfile.TarFile]:
+    """A local tar opened to seek past unwanted members; one in object storage streamed in order."""
+    path = location(path)
+    if isinstance(path, Path):
+        with tarfile.open(path, mode="r:") as tar:
+            yield tar
+        return
+    with storage_errors(f"reading shard {path}"):
+        handle = path.fs.open(path.path, "rb", block_size=READ_AHEAD, cache_type="readahead")
+        try:
+            with tarfile.open(fileobj=handle, mode="r|") as tar:
+                yield tar
+        finally:
+            handle.close()
 
 
 @dataclass

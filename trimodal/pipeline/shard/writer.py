@@ -21,12 +21,13 @@ from pathlib import Path
 
 from trimodal import __version__
 from trimodal.atomic import write_json
-from trimodal.errors import ConfigError, DatasetLayoutError, ShardError
+from trimodal.errors import ConfigError, DatasetLayoutError, ShardError, StorageError
 from trimodal.pipeline.base.checks import WavFormat, flac_problem, image_problem, wav_problem
 from trimodal.pipeline.base.samples import SPLITS, Problem, Sample
 from trimodal.pipeline.base.scan import Scan
 from trimodal.pipeline.read.index import FORMAT, INDEX
 from trimodal.progress import SILENT, Reporter, Task
+from trimodal.storage import location, open_atomic, prepare_folder, storage_errors
 
 SIDECARS = ".shards"
 TAR_MTIME = 1_577_836_800  # 2020-01-01: fixed, so the same inputs give byte-identical tars
@@ -81,7 +82,7 @@ def write_shards(scan: Scan, out: Path, options: ShardOptions = ShardOptions(), 
     """Write `out/<split>-%06d.tar` for every split of `scan` and return the index it wrote (`index.json`,
     written last). Shards whose inputs did not change since an earlier run are kept."""
     options.check()
-    out = Path(out)
+    out = location(out)
     name = scan.name
     fatal = [p for p in scan.problems if p.severity == "error" and p.kind in FATAL_KINDS]
     if fatal:
@@ -92,10 +93,11 @@ def write_shards(scan: Scan, out: Path, options: ShardOptions = ShardOptions(), 
         raise DatasetLayoutError(f"nothing to shard: {scan.dataset_dir} has no sample in any split "
                                  f"(`mm validate {name}` with the same options says why)")
     jobs = _plan_jobs(scan, options)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / SIDECARS).mkdir(exist_ok=True)
-    (out / INDEX).unlink(missing_ok=True)
-    remove_stale(out, {job.name for job in jobs})
+    prepare_folder(out)
+    prepare_folder(out / SIDECARS)
+    with storage_errors(f"writing shards to {out}"):
+        (out / INDEX).unlink(missing_ok=True)
+        remove_stale(out, {job.name for job in jobs})
 
     records = {}
     pending = []
@@ -237,13 +239,16 @@ def _run(jobs: list[ShardJob], out: Path, workers: int, task: Task):
 
 def write_shard(job: ShardJob, out: Path, advance=lambda n: None) -> dict:
     """Write one tar atomically, then its sidecar; returns the sidecar record."""
-    temporary = out / (job.name + ".tmp")
+    target = out / job.name
     skipped: list[dict] = []
     counts = {"samples": 0, "captions": 0, "utterances": 0, "bad_samples": 0, "bad_utterances": 0,
               "planned_samples": len(job.samples), "planned_utterances": 0}
     keys = []
     try:
-        with open(temporary, "wb") as raw:
+        # Whole or not at all, on disk (a *.tmp renamed) and in object storage (no partial object); a
+        # stop signal or an error leaves nothing behind. No fsync: the rename is atomic against a crashed
+        # process, and the index's sha256 of every shard catches what a power cut could leave behind.
+        with open_atomic(target) as raw:
             tar = TarStream(raw)
             for number, sample in enumerate(job.samples, start=1):
                 members = _sample_members(job, sample, skipped, counts)
@@ -254,15 +259,10 @@ def write_shard(job: ShardJob, out: Path, advance=lambda n: None) -> dict:
                 if number % 16 == 0 or number == len(job.samples):
                     advance(16 if number % 16 == 0 else number % 16)
             tar.close()
-        # No fsync: the rename is atomic against a crashed process, and the index's sha256 of every
-        # shard catches what a power cut could leave behind.
-        os.replace(temporary, out / job.name)
+    except StorageError as error:
+        raise ShardError(f"cannot write {target}: {error}") from error
     except OSError as error:
-        temporary.unlink(missing_ok=True)
-        raise ShardError(f"cannot write {out / job.name}: {error.strerror or error}") from error
-    except BaseException:  # stopped (a signal, Ctrl-C) or failed: no half tar is left behind
-        temporary.unlink(missing_ok=True)
-        raise
+        raise ShardError(f"cannot write {target}: {error.strerror or error}") from error
     entry = {"name": job.name, "samples": counts["samples"], "captions": counts["captions"],
              "utterances": counts["utterances"], "bytes": tar.size, "sha256": tar.sha256.hexdigest(),
              "first_key": keys[0] if keys else None, "last_key": keys[-1] if keys else None}
