@@ -39,7 +39,13 @@ def is_url(value: str | os.PathLike) -> bool:
 def location(value: str | os.PathLike) -> StoragePath:
     """A Path for a local path or a `file://` URL; a UPath for object storage. Refuses credentials in a URL."""
     if hasattr(value, "fs") and hasattr(value, "protocol"):  # already a UPath
-        return value if getattr(value, "protocol", "") not in ("", "file", "local") else Path(value.path)
+        if value.protocol in ("", "file", "local"):
+            return Path(value.path)
+        from upath import UPath
+
+        # A new one, whose client is made in this process when first used: a UPath keeps its client, and
+        # fsspec's clients do not survive a fork (a data loader worker is a fork of the trainer).
+        return UPath(str(value), **value.storage_options)
     if isinstance(value, Path) or not is_url(str(value)):
         return Path(value)
     text = str(value)
@@ -56,6 +62,14 @@ def location(value: str | os.PathLike) -> StoragePath:
         return UPath(text)
     except (ImportError, ValueError) as error:  # no fsspec implementation for the scheme
         raise StorageError(f"cannot open {text}: {error}") from error
+
+
+def filesystem(path: StoragePath):
+    """(fsspec filesystem, its path) for an object-storage path, made in this process: fsspec's clients
+    (s3fs's event loop) do not survive a fork, and a data loader worker is a fork of the trainer."""
+    from fsspec.core import url_to_fs
+
+    return url_to_fs(str(path), **getattr(path, "storage_options", {}))
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -83,7 +97,8 @@ def open_atomic(path: StoragePath, mode: str = "wb", encoding: str | None = None
             temporary.unlink(missing_ok=True)
         return
     with storage_errors(f"writing {path}"):
-        raw = path.fs.open(path.path, "wb")
+        fs, fs_path = filesystem(path)
+        raw = fs.open(fs_path, "wb")
     handle = raw
     if "b" not in mode:
         import io

@@ -77,3 +77,12 @@ def test_train_benchmark_prints_its_ratio_and_the_scaling_over_two_ranks(mini_sh
                            "train.num_workers=0", "train.max_steps=2")
     assert_line(rf"^train: {NUMBER} steps/s vs model-only {NUMBER} steps/s, ratio {NUMBER}$", output)
     assert_line(rf"^ranks: 1 rank {NUMBER} samples/s, 2 ranks {NUMBER} samples/s, scaling efficiency {NUMBER}$", output)
+
+
+def test_stop_benchmark_prints_its_ratio(mini_shards, mini_features, tmp_path):
+    # One run, signalled in the first epoch (batch 32: its 3rd of 6 steps), so that it stays short.
+    output = run_benchmark("stop", "--shards", mini_shards, "--features", mini_features, "--workdir", tmp_path,
+                           "--runs", 1, "--after-epochs", 0, "--batch-size", 32)
+    assert_line(r"^\| 1 \| step \d+, batch [1-5]/6 of epoch 1 \|.* \| 75 \|", output)
+    assert_line(rf"^stop: signal->checkpoint p50 {NUMBER} s, signal->exit p50 {NUMBER} s; one step p50 {NUMBER} s; "
+                rf"ratio checkpoint/step = {NUMBER}$", output)

@@ -77,8 +77,7 @@ def _evaluate(run: Path, dist, *, split: str, checkpoint: str, ttt: bool, shards
     family = resolved["model"]["name"]
     if ttt:
         check_ttt_options(model, family, ttt_options)
-    sources = open_sources(Path(shards or resolved["data"]["shards"]), Path(features or resolved["data"]["features"]),
-                           [split])
+    sources = open_sources(shards or resolved["data"]["shards"], features or resolved["data"]["features"], [split])
     train = resolved["train"]
     frames = max_audio_frames(TrainConfig(max_audio_seconds=float(train["max_audio_seconds"])), sources.store.config)
     data = load_split(sources, split, train["modalities"], frames, model.store_inputs())

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from trimodal.errors import ShardError
-from trimodal.storage import location, storage_errors
+from trimodal.storage import filesystem, location, storage_errors
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")  # what img2dataset can write; our own shards use jpg and png
 
@@ -58,7 +58,8 @@ def _open_tar(path) -> Iterator[tarfile.TarFile]:
             yield tar
         return
     with storage_errors(f"reading shard {path}"):
-        handle = path.fs.open(path.path, "rb", block_size=READ_AHEAD, cache_type="readahead")
+        fs, fs_path = filesystem(path)
+        handle = fs.open(fs_path, "rb", block_size=READ_AHEAD, cache_type="readahead")
         try:
             with tarfile.open(fileobj=handle, mode="r|") as tar:
                 yield tar

@@ -215,6 +215,8 @@ def _completed_record(out: Path, job: ShardJob) -> dict | None:
 
 def remove_stale(out: Path, planned: set[str]) -> None:
     """Shards of an earlier plan (other sizes or seed) would be read as part of this set: remove them."""
+    if not out.exists():  # object storage: no "folder" before its first object
+        return
     for path in out.iterdir():
         if (SHARD_NAME.fullmatch(path.name) or path.name.endswith(".tar.tmp")) and path.name not in planned:
             path.unlink()

@@ -18,6 +18,7 @@ import numpy as np
 from trimodal.errors import ConfigError
 from trimodal.features.text import OpenClipTokenizer
 from trimodal.pipeline.read.index import read_index
+from trimodal.storage import location
 from trimodal.pipeline.read.shards import read_shard
 from trimodal.training.captions import generate_captions
 from trimodal.training.models.family import EvaluationContext, EvaluationExtras
@@ -34,10 +35,10 @@ def caption_words(text: str) -> str:
 
 def split_references(shards: Path, split: str) -> dict[str, list[str]]:
     """Every image key of `split` and its reference captions, in shard order."""
-    index = read_index(Path(shards))
+    index = read_index(shards)
     references: dict[str, list[str]] = {}
     for shard in index["splits"][split]["shards"]:
-        contents = read_shard(Path(shards) / shard["name"], images=False, audio=False)
+        contents = read_shard(location(shards) / shard["name"], images=False, audio=False)
         start = 0
         for key, count in zip(contents.keys, contents.caption_counts):
             references[key] = contents.captions[start : start + count]
