@@ -596,3 +596,39 @@ def test_the_downloaded_tars_and_their_retries_are_adopted_as_shards_and_featuri
                 "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert f"{samples:,}" in result.out
+
+
+# --- img2dataset's own distributors ----------------------------------------------------------------------
+
+
+def test_the_ray_distributor_downloads_what_multiprocessing_does(tmp_path, small_shards):
+    """img2dataset's ray distributor (a local ray started for the run) against the loopback web: the same
+    successes, failures and shard layout as its multiprocessing distributor."""
+    pytest.importorskip("ray", reason="ray is not installed (pip install 'ray[default]')")
+    results = {}
+    with serve_images() as server:
+        world = build_url_world(server, "train", "oomo" + "no", slow_seconds=0.0)
+        val = build_url_world(server, "val", "oo", seed=1)
+        server.files["/" + cc3m.TSV_FILES["train"]] = world.tsv
+        server.files["/" + cc3m.TSV_FILES["val"]] = val.tsv
+        for distributor in ("multiprocessing", "ray"):
+            root = tmp_path / distributor
+            result = download_dataset("cc3m", root, mirror=server.url, policy=FAST,
+                                      download_options={**OPTIONS, "distributor": distributor})
+            assert result.step["complete"] is True, result.step
+            report = split_report(root / "cc3m" / "train", "train")
+            results[distributor] = (report.rows, report.downloaded, [(r.status, r.message, r.count) for r in report.reasons],
+                                    sorted(p.name for p in (root / "cc3m" / "train").glob("*.tar")))
+    assert results["ray"] == results["multiprocessing"]
+    assert results["ray"][:2] == (6, 4)  # o o m o n o: four images
+
+
+@pytest.mark.parametrize("distributor, message", [("dask", "distributes with multiprocessing, ray, pyspark"),
+                                                  ("pyspark", "pyspark")])
+def test_a_distributor_that_cannot_run_here_is_one_clear_error(tmp_path, distributor, message, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pyspark" else real(name, *a))
+    with pytest.raises(ConfigError, match=message):
+        Img2datasetOptions(distributor=distributor).check()

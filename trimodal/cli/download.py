@@ -36,6 +36,10 @@ def download(
                                                "new shards.")] = False,
     retries: Annotated[int | None, typer.Option("--retries", min=1, help="cc3m, with --retry-failed: tries per URL "
                                                 "in all, the first included (default 3).")] = None,
+    distributor: Annotated[str | None, typer.Option("--distributor", help="cc3m: img2dataset's own distributor: "
+                                                    "multiprocessing (default, this machine), ray (the cluster at "
+                                                    "RAY_ADDRESS, else a local one) or pyspark (the active Spark "
+                                                    "session, else a local one; needs Java).")] = None,
 ) -> None:
     """Download, verify and safely extract a dataset into ROOT/NAME/ (resumable; a no-op when complete).
 
@@ -47,7 +51,7 @@ def download(
 
     parts = [part.strip() for value in only or () for part in value.split(",") if part.strip()] or None
     options = {"processes": processes, "threads": threads, "image_size": image_size, "max_samples": max_samples,
-               "retry_failed": retry_failed or None, "retries": retries}
+               "retry_failed": retry_failed or None, "retries": retries, "distributor": distributor}
     if no_verify:
         warn("--no-verify: archives will NOT be checked against their published checksums")
     with reporter() as progress:

@@ -16,6 +16,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -63,6 +64,9 @@ class Img2datasetOptions:
     image_size: int = 256
     timeout: float = 10.0  # seconds per URL
     samples_per_shard: int = SAMPLES_PER_SHARD
+    # img2dataset's own distributor: multiprocessing (this machine), ray (a ray cluster: RAY_ADDRESS, or a
+    # local one) or pyspark (the active Spark session, or a local one; needs Java).
+    distributor: str = "multiprocessing"
 
     def check(self) -> None:
         counts = {"processes": self.processes, "threads": self.threads, "image_size": self.image_size,
@@ -72,6 +76,7 @@ class Img2datasetOptions:
             problems.append(f"timeout must be positive (got {self.timeout})")
         if problems:
             raise ConfigError("img2dataset: " + "; ".join(problems))
+        check_distributor(self.distributor)
 
     def arguments(self, url_list: Path, output: Path, mode: str) -> dict:
         """Keyword arguments of `img2dataset.download` for one URL list (a parquet: caption, url)."""
@@ -79,7 +84,28 @@ class Img2datasetOptions:
                     output_format="webdataset", output_folder=str(output), processes_count=self.processes,
                     thread_count=self.threads, image_size=self.image_size, resize_mode="border",
                     encode_format="jpg", number_sample_per_shard=self.samples_per_shard, timeout=self.timeout,
-                    oom_shard_count=SHARD_DIGITS, incremental_mode=mode, enable_wandb=False)
+                    oom_shard_count=SHARD_DIGITS, incremental_mode=mode, enable_wandb=False,
+                    distributor=self.distributor)
+
+
+DISTRIBUTORS = ("multiprocessing", "ray", "pyspark")
+
+
+def check_distributor(name: str) -> None:
+    """A ConfigError unless img2dataset can use the distributor `name` here (its package importable; Java
+    for pyspark). img2dataset itself would quietly do nothing with ray missing."""
+    if name not in DISTRIBUTORS:
+        raise ConfigError(f"--distributor {name!r}: img2dataset distributes with {', '.join(DISTRIBUTORS)}")
+    if name == "ray" and importlib.util.find_spec("ray") is None:
+        raise ConfigError("--distributor ray needs ray in this environment: pip install 'ray[default]' (and set "
+                          "RAY_ADDRESS to use a running cluster; without it a local one is started)")
+    if name == "pyspark":
+        if importlib.util.find_spec("pyspark") is None:
+            raise ConfigError("--distributor pyspark needs pyspark in this environment: pip install pyspark "
+                              "(and Java: apt-get install default-jre-headless)")
+        if not (os.environ.get("JAVA_HOME") or shutil.which("java")):
+            raise ConfigError("--distributor pyspark needs Java (no java on PATH and no JAVA_HOME): "
+                              "apt-get install default-jre-headless")
 
 
 @dataclass(frozen=True)
@@ -271,6 +297,11 @@ def _child(arguments: list[dict]) -> int:
     except ImportError as error:
         print(f"{type(error).__name__}: {error}", flush=True)
         return NOT_IMPORTABLE
+    if any(job.get("distributor") == "ray" for job in arguments):
+        import ray
+
+        # RAY_ADDRESS names a running cluster; without it, a local one for this run.
+        ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
     for job in arguments:
         split = job.pop("split")
         print(f"=== trimodal {time.strftime('%H:%M:%S')}: {split} -> {job['output_folder']} "

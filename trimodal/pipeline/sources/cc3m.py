@@ -46,8 +46,8 @@ def shard_cc3m(root, name, out, options, *, reporter, **source_options):
 
 def download_cc3m(target_dir: Path, *, reporter: Reporter = SILENT, processes: int | None = None,
                   threads: int | None = None, image_size: int | None = None, max_samples: int | None = None,
-                  retry_failed: bool = False, retries: int | None = None, timeout: float | None = None,
-                  samples_per_shard: int | None = None) -> dict:
+                  retry_failed: bool = False, retries: int | None = None, distributor: str | None = None,
+                  timeout: float | None = None, samples_per_shard: int | None = None) -> dict:
     """Download the images of both TSVs in `target_dir` (the first `max_samples` rows of each) into
     `target_dir/train/` and `target_dir/val/`, continuing an earlier run; with `retry_failed`, then try
     the URLs that failed again, up to `retries` tries per URL in all. Returns the download record's details.
@@ -67,7 +67,8 @@ def download_cc3m(target_dir: Path, *, reporter: Reporter = SILENT, processes: i
         image_size=image_size if image_size is not None else recorded.get("image_size", IMAGE_SIZE),
         timeout=timeout if timeout is not None else TIMEOUT_SECONDS,
         samples_per_shard=(samples_per_shard if samples_per_shard is not None
-                           else recorded.get("samples_per_shard", SAMPLES_PER_SHARD)))
+                           else recorded.get("samples_per_shard", SAMPLES_PER_SHARD)),
+        distributor=distributor or "multiprocessing")
     options.check()
     url_lists = {}
     for split, file in TSV_FILES.items():
@@ -190,7 +191,8 @@ def _split_of(tsv: Path) -> str:
 
 
 @register_source("cc3m", shard=shard_cc3m, download=download_cc3m,
-                 download_options=("processes", "threads", "image_size", "max_samples", "retry_failed", "retries"))
+                 download_options=("processes", "threads", "image_size", "max_samples", "retry_failed", "retries",
+                                   "distributor"))
 def scan(root: Path, name: str = "cc3m") -> Scan:
     """The TSVs' line counts and what img2dataset made of them, per split (no samples are listed: the
     shards are img2dataset's own tars)."""
