@@ -193,3 +193,22 @@ def test_a_connection_cut_mid_shard_is_retried_and_then_named(bucket, moto_serve
         assert f"s3://{bucket}/shards/" in line and ("cannot reach" in line or "cannot read shard" in line)
     finally:
         proxy.close()
+
+
+def test_memory_urls_work_as_folders_do(mini_root, mini_shards, mm):
+    """fsspec's in-memory file system, as any other: shard, info, featurize."""
+    import uuid
+
+    base = f"memory://trimodal-{uuid.uuid4().hex[:8]}"
+    fs = fsspec.filesystem("memory")
+    try:
+        assert mm("shard", "mini", "--root", mini_root, "--out", f"{base}/shards").exit_code == 0
+        for path in sorted(mini_shards.glob("*.tar")):
+            assert fs.cat_file(f"{base}/shards/{path.name}") == path.read_bytes(), path.name
+        assert mm("info", f"{base}/shards").exit_code == 0
+        result = mm("featurize", f"{base}/shards", "--out", f"{base}/features.zarr", "--device", "cpu",
+                    "--image", "none", "--splits", "test")
+        assert result.exit_code == 0, result.output
+        assert FeatureStore.open(f"{base}/features.zarr").complete("test")
+    finally:
+        fs.rm(base.removeprefix("memory://"), recursive=True)
