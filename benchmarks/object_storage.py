@@ -10,22 +10,26 @@ unless --shards and --features name it; with the tar fallback (the default) also
 server (`python -m moto.server -H 127.0.0.1 -p PORT`), points this process and its children at it through
 the environment only (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, a random AWS_SECRET_ACCESS_KEY that is never
 printed, AWS_DEFAULT_REGION), makes a bucket and uploads the shards and the store(s) to it. In the same
-process, local and s3 alternating, each run measures:
+process, local and s3 adjacent (which goes first alternates from run to run), each run measures:
 
 (1) the data path alone: `TrimodalDataset` + `DataLoader` built as `mm train` builds them (the config's batch,
     seed, shuffle buffer, audio crop and the model's store inputs; `--num-workers` persistent workers), opened
-    afresh (index.json, the store's metadata and checks), one warm-up epoch (worker start, the worker's own
-    store opening), then `--epochs` timed epochs: samples/s of the timed epochs. With the full store the
-    training stream reads the store only (the tars are not opened); the tar-fallback rows read the same store
-    without log-mels, so each worker streams its pieces' tars in order (READ_AHEAD read-ahead blocks over
-    s3) and computes the log-mels from the wavs;
+    afresh (index.json, the store's metadata and checks; this process's S3 client is fsspec's cached one),
+    one warm-up epoch (worker start, each worker's own S3 client and store opening), then `--epochs` timed
+    epochs: samples/s of the timed epochs. With the full store the training stream reads the store only
+    (the tars are not opened); the tar-fallback rows read the same store without log-mels, so each worker
+    streams its pieces' tars in order (READ_AHEAD read-ahead blocks over s3) and computes the log-mels from
+    the wavs;
 (2) `mm train` end to end: `python -m trimodal train CONFIG --shards … --features … --out LOCAL_RUN
     train.epochs=E train.num_workers=K` as a subprocess (the run folder stays on local disk in both, so only
     the data source differs): wall seconds from start to exit (imports, opening, epochs, validation,
-    checkpoints) and training samples (epochs × steps per epoch × batch) per wall second.
+    checkpoints) and training samples (epochs × steps per epoch × batch) per wall second; also the trainer's
+    own in-epoch samples/s (its metrics.jsonl records, epochs after the first: steps waiting on the loader,
+    without imports, validation or checkpoints). Its output and every file of its run folder are checked not
+    to hold the secret key.
 
-Prints a markdown table of the medians and
-`object storage: s3 / local = R (data path), R2 (mm train end to end)` (samples/s of s3 over local).
+Prints two markdown tables of the medians, the runs one by one, `tar fallback: s3 / local = R3 (data
+path, …)` and last `object storage: s3 / local = R (data path), R2 (mm train end to end)` (samples/s of s3 over local).
 
 moto's server is one Python process on loopback: no network latency or bandwidth limit, but each request costs
 far more than S3's. The figure bounds the overhead of our streaming path (fsspec/s3fs requests, zarr chunk
@@ -35,6 +39,7 @@ reads, the tar read-ahead), not the throughput of S3 itself.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import secrets
 import shutil
@@ -176,7 +181,6 @@ def data_path(config: Path, shards: str | Path, features: str | Path, epochs: in
     from trimodal.training.data import TrimodalDataset, open_sources
     from trimodal.training.trainer import build_from_config, max_audio_frames
 
-    _forget_clients()
     began = time.perf_counter()
     run = load_config(config, [f"train.num_workers={workers}"])
     settings = run.train
@@ -204,16 +208,6 @@ def data_path(config: Path, shards: str | Path, features: str | Path, epochs: in
     return DataRun(opened - began, warmed - opened, done - warmed, samples)
 
 
-def _forget_clients() -> None:
-    """A new S3 client for every run, as a new `mm train` process has (fsspec caches one per set of options)."""
-    try:
-        import s3fs
-
-        s3fs.S3FileSystem.clear_instance_cache()
-    except ImportError:
-        pass
-
-
 # -- (2) mm train end to end --------------------------------------------------------------------------------
 
 
@@ -221,6 +215,7 @@ def _forget_clients() -> None:
 class TrainRun:
     wall_s: float
     samples: int
+    in_epoch: float  # the trainer's own samples/s (metrics.jsonl), in the epochs after the first
 
     @property
     def rate(self) -> float:
@@ -238,11 +233,17 @@ def train_run(config: Path, shards: str | Path, features: str | Path, out: Path,
     if done.returncode != 0:
         raise SystemExit(redact(f"mm train from {shards} failed ({done.returncode}):\n"
                                 f"{done.stdout[-3000:]}{done.stderr[-3000:]}"))
+    leaks = [path for path in out.rglob("*") if path.is_file() and SECRET.encode() in path.read_bytes()]
+    if SECRET in done.stdout + done.stderr or leaks:
+        raise SystemExit(f"mm train from {shards}: the secret key appears in its output or in {leaks}")
     resolved = tomllib.loads((out / "config.resolved.toml").read_text())
     steps = _find(resolved, "steps_per_epoch")
     batch = _find(resolved.get("train", {}), "batch_size") or _find(resolved, "batch_size")
     accumulation = _find(resolved.get("train", {}), "grad_accum") or 1
-    return TrainRun(wall, int(epochs * steps * batch * accumulation))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rates = [r["samples_per_s"] for r in records if r.get("type") == "train"]
+    later = [r["samples_per_s"] for r in records if r.get("type") == "train" and r["epoch"] >= 1]
+    return TrainRun(wall, int(epochs * steps * batch * accumulation), statistics.mean(later or rates or [0.0]))
 
 
 def _find(table: dict, key: str):
@@ -294,19 +295,20 @@ def main() -> None:
     server, endpoint = start_moto()
     try:
         point_at(endpoint)
-        bucket, urls = upload(folders)
+        _, urls = upload(folders)
         data_sources = {"store": ("features.zarr", "the store (image, tokens, log-mels)")}
         if args.tar_fallback:
             data_sources["tars"] = ("features-no-audio.zarr", "store without log-mels: tars streamed, mels computed")
         data: dict[tuple[str, str], list[DataRun]] = {}
         trains: dict[str, list[TrainRun]] = {"local": [], "s3": []}
         for number in range(args.runs):
+            order = ("local", "s3") if number % 2 == 0 else ("s3", "local")  # neither always goes first
             for kind, (store, _) in data_sources.items():
-                for where in ("local", "s3"):
+                for where in order:
                     source = (shards, folders[store]) if where == "local" else (urls["shards"], urls[store])
                     data.setdefault((kind, where), []).append(
                         data_path(config, *source, args.epochs, args.num_workers))
-            for where in ("local", "s3"):
+            for where in order:
                 source = (shards, features) if where == "local" else (urls["shards"], urls["features.zarr"])
                 trains[where].append(train_run(config, *source, args.workdir / f"train-{where}-{number + 1}",
                                                args.epochs, args.num_workers))
@@ -316,16 +318,20 @@ def main() -> None:
             server.wait(10)
         except subprocess.TimeoutExpired:
             server.kill()
+    report(args, config, data_sources, data, trains)
 
+
+def report(args, config: Path, data_sources: dict, data: dict, trains: dict) -> None:
     median = statistics.median
     name = config.relative_to(REPOSITORY) if config.is_relative_to(REPOSITORY) else config
     print(f"config: {name}, {args.num_workers} loader worker(s), {args.runs} run(s) each (medians), local and s3 "
-          f"alternating; data path: {args.epochs} timed epoch(s) after a warm-up epoch; mm train: "
-          f"train.epochs={args.epochs}, run folder on local disk")
+          f"adjacent, alternating which goes first; data path: {args.epochs} timed epoch(s) after a warm-up epoch; "
+          f"mm train: train.epochs={args.epochs}, run folder on local disk")
     print("S3: moto's server, one Python process on 127.0.0.1 (no network latency, but slower per request than "
-          "S3): the ratios bound the overhead of the streaming path, not S3 itself")
+          "S3): the ratios bound the overhead of our streaming path, not S3 itself")
     print()
-    print("| measurement | source | open (s) | warm-up epoch (s) | timed (s) | samples | samples/s | s3 / local |")
+    print("| data path (TrimodalDataset + DataLoader) | source | open (s) | warm-up epoch (s) | timed epochs (s) "
+          "| samples | samples/s | s3 / local |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     ratios = {}
     for kind, (_, label) in data_sources.items():
@@ -333,28 +339,42 @@ def main() -> None:
         for where in ("local", "s3"):
             runs = data[(kind, where)]
             rate = median(r.rate for r in runs)
-            ratio = rate / local_rate
-            ratios[kind] = ratio
-            print(f"| data path, {label} | {where} | {median(r.open_s for r in runs):.2f} "
+            if where == "s3":
+                ratios[kind] = rate / local_rate
+            shown = "1" if where == "local" else f"{rate / local_rate:.2f}"
+            print(f"| {label} | {where} | {median(r.open_s for r in runs):.2f} "
                   f"| {median(r.warmup_s for r in runs):.2f} | {median(r.timed_s for r in runs):.2f} "
-                  f"| {runs[0].samples} | {rate:.0f} | {'1' if where == 'local' else f'{ratio:.2f}'} |")
+                  f"| {runs[0].samples} | {rate:.0f} | {shown} |")
+    print()
+    print("| mm train end to end | source | wall (s) | samples | samples/s (wall) | in-epoch samples/s (trainer's log) "
+          "| s3 / local (wall) |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     local_train = median(r.rate for r in trains["local"])
     for where in ("local", "s3"):
         runs = trains[where]
         rate = median(r.rate for r in runs)
-        ratios[f"train-{where}"] = rate / local_train
-        print(f"| mm train end to end (wall) | {where} | | | {median(r.wall_s for r in runs):.1f} | {runs[0].samples} "
-              f"| {rate:.1f} | {'1' if where == 'local' else f'{rate / local_train:.2f}'} |")
+        if where == "s3":
+            ratios["train"] = rate / local_train
+        shown = "1" if where == "local" else f"{rate / local_train:.2f}"
+        print(f"| train.epochs={args.epochs}, train.num_workers={args.num_workers} | {where} "
+              f"| {median(r.wall_s for r in runs):.1f} | {runs[0].samples} | {rate:.1f} "
+              f"| {median(r.in_epoch for r in runs):.1f} | {shown} |")
     print()
     for kind in data_sources:
-        print(f"data path ({kind}) per run, samples/s: local {[round(r.rate) for r in data[(kind, 'local')]]}, "
-              f"s3 {[round(r.rate) for r in data[(kind, 's3')]]}")
-    print(f"mm train per run, wall s: local {[round(r.wall_s, 1) for r in trains['local']]}, "
-          f"s3 {[round(r.wall_s, 1) for r in trains['s3']]}")
+        local, s3 = data[(kind, "local")], data[(kind, "s3")]
+        paired = [round(b.rate / a.rate, 2) for a, b in zip(local, s3)]
+        print(f"data path ({kind}) per run, samples/s: local {[round(r.rate) for r in local]}, "
+              f"s3 {[round(r.rate) for r in s3]}; paired s3/local {paired}")
+    local, s3 = trains["local"], trains["s3"]
+    paired = [round(a.wall_s / b.wall_s, 2) for a, b in zip(local, s3)]
+    print(f"mm train per run, wall s: local {[round(r.wall_s, 1) for r in local]}, "
+          f"s3 {[round(r.wall_s, 1) for r in s3]}; paired s3/local samples/s {paired}")
+    print("secret: in no output of mm train and no file of its run folders (checked every run)")
     print(f"load average at end: {load_average()}")
-    fallback = f", {ratios['tars']:.2f} (data path, mels from the tars)" if "tars" in ratios else ""
-    print(f"object storage: s3 / local = {ratios['store']:.2f} (data path){fallback}, "
-          f"{ratios['train-s3']:.2f} (mm train end to end)")
+    if "tars" in ratios:
+        print(f"tar fallback: s3 / local = {ratios['tars']:.2f} (data path, log-mels computed from the streamed tars)")
+    print(f"object storage: s3 / local = {ratios['store']:.2f} (data path), "
+          f"{ratios['train']:.2f} (mm train end to end)")
 
 
 if __name__ == "__main__":

@@ -86,3 +86,15 @@ def test_stop_benchmark_prints_its_ratio(mini_shards, mini_features, tmp_path):
     assert_line(r"^\| 1 \| step \d+, batch [1-5]/6 of epoch 1 \|.* \| 75 \|", output)
     assert_line(rf"^stop: signal->checkpoint p50 {NUMBER} s, signal->exit p50 {NUMBER} s; one step p50 {NUMBER} s; "
                 rf"ratio checkpoint/step = {NUMBER}$", output)
+
+
+def test_object_storage_benchmark_prints_its_ratio(mini_shards, mini_features, tmp_path):
+    pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install 'moto[server]')")
+    # One run of one epoch each, without the tar-fallback rows (they need a second featurize).
+    output = run_benchmark("object_storage", "--shards", mini_shards, "--features", mini_features, "--workdir",
+                           tmp_path, "--runs", 1, "--epochs", 1, "--no-tar-fallback")
+    assert_line(rf"^\| the store \(image, tokens, log-mels\) \| s3 \|.* \| 192 \| {NUMBER} \| {NUMBER} \|$", output)
+    assert_line(rf"^\| train.epochs=1, train.num_workers=1 \| s3 \|.* \| 192 \| {NUMBER} \| {NUMBER} \| {NUMBER} \|$",
+                output)
+    assert_line(rf"^object storage: s3 / local = {NUMBER} \(data path\), {NUMBER} \(mm train end to end\)$", output)
+    assert_line(r"^secret: in no output of mm train and no file of its run folders", output)
