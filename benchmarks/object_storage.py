@@ -56,6 +56,8 @@ from pathlib import Path
 REPOSITORY = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPOSITORY))
 
+from mini_data import environment, find, mm, prepare  # noqa: E402
+
 from trimodal.training.config import shipped_config  # noqa: E402
 
 SECRET = secrets.token_hex(20)  # moto takes any key; this one must still never be printed
@@ -65,36 +67,17 @@ def redact(text: str) -> str:
     return text.replace(SECRET, "<secret>")
 
 
-def environment() -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPOSITORY)}
 
 
-def mm(*args) -> None:
-    """`python -m trimodal ARGS…`, its output kept only for a failure."""
-    done = subprocess.run([sys.executable, "-m", "trimodal", *map(str, args)], cwd=REPOSITORY, env=environment(),
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(redact(f"mm {' '.join(map(str, args))} failed ({done.returncode}):\n"
-                                f"{done.stdout[-3000:]}{done.stderr[-3000:]}"))
 
 
-def prepare(workdir: Path) -> tuple[Path, Path]:
-    """The mini dataset downloaded (synthesised), sharded and featurized on the CPU into `workdir`."""
-    shutil.rmtree(workdir, ignore_errors=True)
-    workdir.mkdir(parents=True)
-    started = time.perf_counter()
-    mm("download", "mini", "--root", workdir / "data")
-    mm("shard", "mini", "--root", workdir / "data", "--out", workdir / "shards")
-    mm("featurize", workdir / "shards", "--out", workdir / "features.zarr", "--device", "cpu")
-    print(f"data: mini downloaded, sharded and featurized into {workdir} in {time.perf_counter() - started:.0f} s")
-    return workdir / "shards", workdir / "features.zarr"
 
 
 def prepare_without_mels(shards: Path, workdir: Path) -> Path:
     """A store of the same shards without log-mels: training computes them from the tars."""
     out = workdir / "features-no-audio.zarr"
     started = time.perf_counter()
-    mm("featurize", shards, "--out", out, "--device", "cpu", "--audio", "none", "--overwrite")
+    mm("featurize", shards, "--out", out, "--device", "cpu", "--audio", "none", "--overwrite", redact=redact)
     print(f"data: store without log-mels (mm featurize --audio none) in {time.perf_counter() - started:.0f} s")
     return out
 
@@ -237,22 +220,15 @@ def train_run(config: Path, shards: str | Path, features: str | Path, out: Path,
     if SECRET in done.stdout + done.stderr or leaks:
         raise SystemExit(f"mm train from {shards}: the secret key appears in its output or in {leaks}")
     resolved = tomllib.loads((out / "config.resolved.toml").read_text())
-    steps = _find(resolved, "steps_per_epoch")
-    batch = _find(resolved.get("train", {}), "batch_size") or _find(resolved, "batch_size")
-    accumulation = _find(resolved.get("train", {}), "grad_accum") or 1
+    steps = find(resolved, "steps_per_epoch")
+    batch = find(resolved.get("train", {}), "batch_size") or find(resolved, "batch_size")
+    accumulation = find(resolved.get("train", {}), "grad_accum") or 1
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rates = [r["samples_per_s"] for r in records if r.get("type") == "train"]
     later = [r["samples_per_s"] for r in records if r.get("type") == "train" and r["epoch"] >= 1]
     return TrainRun(wall, int(epochs * steps * batch * accumulation), statistics.mean(later or rates or [0.0]))
 
 
-def _find(table: dict, key: str):
-    for name, value in table.items():
-        if name == key:
-            return value
-        if isinstance(value, dict) and (found := _find(value, key)) is not None:
-            return found
-    return None
 
 
 # -- the report ---------------------------------------------------------------------------------------------

@@ -46,6 +46,8 @@ from pathlib import Path
 REPOSITORY = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPOSITORY))
 
+from mini_data import environment, find, prepare  # noqa: E402
+
 from trimodal.signals import RESUMABLE_EXIT  # noqa: E402
 from trimodal.training.config import shipped_config  # noqa: E402
 
@@ -53,29 +55,10 @@ POLL = 0.005  # seconds between two looks at the run folder
 STOP_LINE = re.compile(r"stopped by SIGTERM at step (\d+), batch (\d+)/(\d+) of epoch (\d+)")
 
 
-def environment() -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPOSITORY)}
 
 
-def mm(*args) -> None:
-    """`python -m trimodal ARGS…`, its output kept only for a failure."""
-    done = subprocess.run([sys.executable, "-m", "trimodal", *map(str, args)], cwd=REPOSITORY, env=environment(),
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"mm {' '.join(map(str, args))} failed ({done.returncode}):\n"
-                         f"{done.stdout[-3000:]}{done.stderr[-3000:]}")
 
 
-def prepare(workdir: Path) -> tuple[Path, Path]:
-    """The mini dataset downloaded (synthesised), sharded and featurized on the CPU into `workdir`."""
-    shutil.rmtree(workdir, ignore_errors=True)
-    workdir.mkdir(parents=True)
-    started = time.perf_counter()
-    mm("download", "mini", "--root", workdir / "data")
-    mm("shard", "mini", "--root", workdir / "data", "--out", workdir / "shards")
-    mm("featurize", workdir / "shards", "--out", workdir / "features.zarr", "--device", "cpu")
-    print(f"data: mini downloaded, sharded and featurized into {workdir} in {time.perf_counter() - started:.0f} s")
-    return workdir / "shards", workdir / "features.zarr"
 
 
 class RunWatch:
@@ -199,7 +182,7 @@ def _steps_per_epoch(run: Path, job: subprocess.Popen, timeout: float) -> int:
     while True:
         if resolved.is_file():
             try:
-                found = _find(tomllib.loads(resolved.read_text()), "steps_per_epoch")
+                found = find(tomllib.loads(resolved.read_text()), "steps_per_epoch")
             except tomllib.TOMLDecodeError:  # caught while being written
                 found = None
             if found:
@@ -209,13 +192,6 @@ def _steps_per_epoch(run: Path, job: subprocess.Popen, timeout: float) -> int:
         time.sleep(0.05)
 
 
-def _find(table: dict, key: str):
-    for name, value in table.items():
-        if name == key:
-            return value
-        if isinstance(value, dict) and (found := _find(value, key)) is not None:
-            return found
-    return None
 
 
 def _check_state(run: Path, number: int, step: int, batch: int, of: int, epoch: int) -> None:
