@@ -61,16 +61,11 @@ class HeldPipe:
         self.opened.set()
 
     def restore(self) -> None:
-        """The real file back in place; the reader that waited sees an end of file."""
+        """The real file back in place; the reader that waited sees an end of file. (Had nobody opened the
+        pipe, our daemon thread stays blocked on it, which harms nothing.)"""
         self.path.unlink()
         self.path.write_bytes(self.real)
-        if self._fd is None:  # nobody opened the pipe: unblock our own open
-            try:
-                fd = os.open(self.path.with_name(self.path.name), os.O_RDONLY | os.O_NONBLOCK)
-                os.close(fd)
-            except OSError:
-                pass
-        else:
+        if self._fd is not None:
             os.close(self._fd)
 
 

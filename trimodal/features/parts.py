@@ -48,11 +48,8 @@ class Parts:
         try:
             shutil.rmtree(temporary, ignore_errors=True)
             temporary.mkdir(parents=True)
-            np.save(temporary / "keys.npy", encode_keys(features.keys))
-            for field in fields(ShardFeatures):
-                value = getattr(features, field.name)
-                if field.name != "keys" and value is not None:
-                    np.save(temporary / f"{field.name}.npy", np.asarray(value))
+            for name, value in _arrays(features).items():
+                np.save(temporary / f"{name}.npy", value)
             os.replace(temporary, final)
         except OSError as error:
             shutil.rmtree(temporary, ignore_errors=True)
@@ -61,11 +58,8 @@ class Parts:
 
     def _write_objects(self, shard: str, features: ShardFeatures) -> None:
         folder = self.folder / shard
-        arrays = {"keys": encode_keys(features.keys)}
-        arrays.update({field.name: np.asarray(getattr(features, field.name)) for field in fields(ShardFeatures)
-                       if field.name != "keys" and getattr(features, field.name) is not None})
         try:
-            for name, value in arrays.items():
+            for name, value in _arrays(features).items():
                 with open_atomic(folder / f"{name}.npy") as handle:
                     np.save(handle, value)
             write_bytes(folder / _COMPLETE, b"")
@@ -75,19 +69,18 @@ class Parts:
 
     def read(self, shard: str) -> ShardFeatures:
         folder = self.folder / shard
-        if self.remote:
+        with storage_errors(f"reading {folder}"):
+            present = (folder / "keys.npy").is_file()
+        if not present:
+            raise TrimodalError(f"the features of {shard} are not in {self.folder}: every rank must write where rank 0 "
+                                "reads (the store's folder on storage that every node sees)")
+        try:
             with storage_errors(f"reading {folder}"):
                 arrays = {}
                 for path in folder.glob("*.npy"):
                     with path.open("rb") as handle:
                         arrays[path.stem] = np.load(handle, allow_pickle=False)
-            return ShardFeatures(keys=decode_keys(arrays.pop("keys")), **arrays)
-        if not (folder / "keys.npy").is_file():
-            raise TrimodalError(f"the features of {shard} are not in {self.folder}: every rank must write where rank 0 "
-                                "reads (the store's folder on storage that every node sees)")
-        try:
-            arrays = {path.stem: np.load(path, allow_pickle=False) for path in folder.glob("*.npy")}
-        except (OSError, ValueError) as error:
+        except (StorageError, ValueError) as error:
             raise TrimodalError(f"cannot read the part {folder}: {error}; delete it and run the command again") from error
         keys = decode_keys(arrays.pop("keys"))
         return ShardFeatures(keys=keys, **arrays)
@@ -98,3 +91,11 @@ class Parts:
     def finish(self) -> None:
         """Remove the folder once every part went into the store."""
         remove_tree(self.folder)
+
+
+def _arrays(features: ShardFeatures) -> dict[str, np.ndarray]:
+    """What a part holds: the encoded keys and every array the shard's features have."""
+    arrays = {"keys": encode_keys(features.keys)}
+    arrays.update({field.name: np.asarray(getattr(features, field.name)) for field in fields(ShardFeatures)
+                   if field.name != "keys" and getattr(features, field.name) is not None})
+    return arrays

@@ -16,7 +16,7 @@ import os
 import shutil
 from pathlib import Path
 
-from trimodal.errors import TrimodalError
+from trimodal.errors import ConfigError, TrimodalError
 from trimodal.storage import copy_to_local, location, prepare_folder, remove_tree, storage_errors, upload
 
 CHECKPOINTS = "checkpoints"
@@ -48,8 +48,6 @@ class RunFolder:
     def prepare(self, *, resume: bool, overwrite: bool) -> None:
         """The run folder ready to train into: checks as for a local folder, then the working copy."""
         if resume and overwrite:
-            from trimodal.errors import ConfigError
-
             raise ConfigError("--resume and --overwrite contradict each other")
         if not self.remote:
             _prepare_local(self.local, resume=resume, overwrite=overwrite)

@@ -273,8 +273,8 @@ def _train(config: RunConfig, shards: Path, features: Path, folder: RunFolder, d
                 best, best_epoch = score, epoch
             end_state = {**progress(epoch, step), "epoch_done": True}
             began = time.monotonic()
-            distributed.on_main(lambda: (_end_epoch(run, model, log, record, end_state, improved,
-                                                    settings.keep_checkpoints), folder.publish()), "writing checkpoints")
+            distributed.on_main(lambda: _end_epoch(folder, model, log, record, end_state, improved,
+                                                   settings.keep_checkpoints), "writing checkpoints")
             boundary.checkpointed(time.monotonic() - began)
             if stop_after_epoch is not None and epoch >= stop_after_epoch:
                 break
@@ -349,13 +349,15 @@ def _wrap(step_loss: StepLoss, dist: distributed.Dist):
                                        find_unused_parameters=True)
 
 
-def _end_epoch(run: Path, model: Family, log: RunLog, record: dict, state: dict, improved: bool, keep: int) -> None:
-    """Rank 0's part of an epoch's end: records, checkpoints (atomic), plots."""
+def _end_epoch(folder: RunFolder, model: Family, log: RunLog, record: dict, state: dict, improved: bool,
+               keep: int) -> None:
+    """Rank 0's part of an epoch's end: records, checkpoints (atomic), plots, then the run published."""
     log.val_record(record)
     for extra in model.epoch_records():
         log.record({"epoch": record["epoch"], "step": record["step"], **extra})
-    save_checkpoint(run / CHECKPOINTS, model, state, keep=keep, best=improved)
-    plot_run(run, model)
+    save_checkpoint(folder.local / CHECKPOINTS, model, state, keep=keep, best=improved)
+    plot_run(folder.local, model)
+    folder.publish()
 
 
 def enter_stage(model: Family, settings: TrainConfig, epoch: int) -> dict | None:
