@@ -72,10 +72,6 @@ def filesystem(path: StoragePath):
     return url_to_fs(str(path), **getattr(path, "storage_options", {}))
 
 
-def is_remote(path: str | os.PathLike) -> bool:
-    return not isinstance(location(path), Path)
-
-
 def absolute(path: str | os.PathLike) -> StoragePath:
     """A local path made absolute (resolved); a URL as it is."""
     path = location(path)
