@@ -16,6 +16,7 @@ API over fsspec) for a URL, so code that joins, reads and lists paths works on b
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -62,6 +63,36 @@ def location(value: str | os.PathLike) -> StoragePath:
         return UPath(text)
     except (ImportError, ValueError) as error:  # no fsspec implementation for the scheme
         raise StorageError(f"cannot open {text}: {error}") from error
+
+
+def is_remote(path: StoragePath) -> bool:
+    """Whether `path` is in object storage (a UPath), not on local disk."""
+    return not isinstance(path, Path)
+
+
+def cache_root() -> Path:
+    """Where local working copies of remote things live: `$TRIMODAL_CACHE`, default `~/.cache/trimodal`."""
+    return Path(os.environ.get("TRIMODAL_CACHE") or Path.home() / ".cache" / "trimodal")
+
+
+def working_folder(kind: str, target: StoragePath) -> Path:
+    """A local folder of this machine that belongs to the remote `target` (for files that must be local:
+    a download in progress, a log a child process writes)."""
+    return cache_root() / kind / hashlib.sha256(str(target).encode()).hexdigest()[:16]
+
+
+def make_folder(path: StoragePath) -> None:
+    """A local folder and its parents; nothing in object storage, where a folder is only a key prefix."""
+    if isinstance(path, Path):
+        path.mkdir(parents=True, exist_ok=True)
+
+
+def listing(folder: StoragePath, pattern: str) -> list:
+    """`folder.glob(pattern)` as the storage holds it now. fsspec caches a folder's listing in the client,
+    so a file another process wrote since (img2dataset's shards) would be missed without a fresh one."""
+    if not isinstance(folder, Path):
+        folder.fs.invalidate_cache(folder.path)
+    return sorted(folder.glob(pattern))
 
 
 def filesystem(path: StoragePath):

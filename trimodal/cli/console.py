@@ -21,9 +21,12 @@ from trimodal.progress import Reporter, Task
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 120)
 
-Root = Annotated[Path, typer.Option("--root", help="Folder that holds the raw datasets, one sub-folder each.")]
-SourceRoot = Annotated[Path | None, typer.Option("--root", help="Folder that holds the raw datasets, one sub-folder "
-                                                 "each (custom: the dataset folder itself).")]
+# A folder, or for cc3m and img2dataset also a URL in object storage (s3://bucket/data): `storage.location`.
+Root = Annotated[str, typer.Option("--root", help="Folder that holds the raw datasets, one sub-folder each "
+                                   "(cc3m: may be s3://… or gs://…).")]
+SourceRoot = Annotated[str | None, typer.Option("--root", help="Folder that holds the raw datasets, one sub-folder "
+                                                "each (custom: the dataset folder itself; cc3m, img2dataset: may be "
+                                                "s3://… or gs://…).")]
 Splits = Annotated[str | None, typer.Option("--splits", help="coco2014, mini-coco: karpathy (default) or official; "
                                              "coco2017: official.")]
 JsonlManifest = Annotated[Path | None, typer.Option("--manifest", help="custom: a JSONL file, one sample per line "

@@ -6,8 +6,6 @@ this module looks the source up and hands it over. It is the only pipeline modul
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from trimodal.errors import ConfigError
 from trimodal.pipeline import sources
 from trimodal.pipeline.download.archives import DownloadResult, download
@@ -16,11 +14,12 @@ from trimodal.pipeline.download.manifest import Manifest, load_manifest
 from trimodal.pipeline.shard.writer import ShardOptions, write_shards
 from trimodal.pipeline.validate import ValidationReport, validate_scan
 from trimodal.progress import SILENT, Reporter
+from trimodal.storage import StoragePath, location
 
 
 def download_dataset(
     name: str,
-    root: Path,
+    root: StoragePath,
     *,
     mirror: str | None = None,
     verify: bool = True,
@@ -41,6 +40,8 @@ def download_dataset(
     given = {key: value for key, value in (download_options or {}).items() if value is not None}
     source = _source_of(manifest)
     sources.check_options(source, given, "download_options")
+    root = location(root)
+    sources.check_root(source, root, "download")
     return download(manifest, root, hook=source.download, hook_options=given, synthesize=source.synthesize,
                     mirror=mirror, verify=verify, force=force, keep_archives=keep_archives, only=only,
                     reporter=reporter, policy=policy)
@@ -54,14 +55,14 @@ def _source_of(manifest: Manifest) -> sources.Source:
     return sources.Source(manifest.name, scan=lambda *args, **kwargs: None)
 
 
-def validate_dataset(name: str, root: Path | None, *, workers: int = 2, source_options: dict | None = None,
+def validate_dataset(name: str, root: StoragePath | None, *, workers: int = 2, source_options: dict | None = None,
                      reporter: Reporter = SILENT) -> ValidationReport:
     """`root/name` read by its source, then every file checked (see `validate_scan`)."""
     scan = sources.scan_source(name, root, **(source_options or {}))
     return validate_scan(scan, workers=workers, reporter=reporter)
 
 
-def shard_dataset(name: str, root: Path | None, out: Path, options: ShardOptions = ShardOptions(), *,
+def shard_dataset(name: str, root: StoragePath | None, out: StoragePath, options: ShardOptions = ShardOptions(), *,
                   source_options: dict | None = None, reporter: Reporter = SILENT) -> dict:
     """Write `out/<split>-%06d.tar` for every split of `root/name` and return the index it wrote.
 
@@ -76,6 +77,8 @@ def shard_dataset(name: str, root: Path | None, out: Path, options: ShardOptions
         sources.check_options(source, given)
         if root is None:
             raise ConfigError(f"--root is required: the folder that holds {name}/")
-        return source.shard(Path(root), name, Path(out), options, reporter=reporter, **given)
+        root = location(root)
+        sources.check_root(source, root, "shard")
+        return source.shard(root, name, location(out), options, reporter=reporter, **given)
     scan = sources.scan_source(name, root, **(source_options or {}))
     return write_shards(scan, out, options, reporter=reporter)

@@ -11,20 +11,15 @@ as the local folder does. `--resume` downloads the run into a fresh local copy f
 
 from __future__ import annotations
 
-import hashlib
-import os
 import shutil
 from pathlib import Path
 
 from trimodal.errors import ConfigError, TrimodalError
-from trimodal.storage import copy_to_local, location, prepare_folder, remove_tree, storage_errors, upload
+from trimodal.storage import (copy_to_local, location, prepare_folder, remove_tree, storage_errors, upload,
+                              working_folder)
 
 CHECKPOINTS = "checkpoints"
 COMMIT = f"{CHECKPOINTS}/last.state.pt"  # written last by save_checkpoint; published last here
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("TRIMODAL_CACHE") or Path.home() / ".cache" / "trimodal")
 
 
 class RunFolder:
@@ -36,9 +31,9 @@ class RunFolder:
         if self.remote:
             from trimodal.distributed import launched_rank
 
-            digest = hashlib.sha256(str(self.target).encode()).hexdigest()[:16]
             rank = launched_rank()  # ranks on one node must not share a working copy
-            self.local = cache_root() / "runs" / (digest + (f"-rank{rank}" if rank else ""))
+            local = working_folder("runs", self.target)
+            self.local = local.with_name(local.name + (f"-rank{rank}" if rank else ""))
         else:
             self.local = self.target
         self._published: dict[str, tuple[int, int]] = {}

@@ -4,6 +4,10 @@ Plain files (not archives) are moved into the dataset folder as they are. A sour
 (`register_source(..., download=fn)`) then fetches what those files point to (cc3m: the images of its
 URL lists); the hook's details go into the download record, and the dataset is complete only when the
 hook says so, so a rerun after an interruption resumes it.
+
+ROOT may be in object storage (`s3://bucket/data`) for a source that reads it from there (cc3m: plain
+files, and img2dataset writes the images there itself). Files are fetched into a local working folder
+(`$TRIMODAL_CACHE/downloads/…`), verified there and uploaded whole; the records live in ROOT as on disk.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from trimodal.pipeline.download.fetch import FetchPolicy, fetch, free_bytes, has
 from trimodal.pipeline.download.manifest import Archive, Manifest
 from trimodal.pipeline.download.marker import read_marker, read_state, write_marker
 from trimodal.progress import SILENT, Reporter
+from trimodal.storage import (StoragePath, is_remote, location, prepare_folder, remove_tree, storage_errors, upload,
+                              working_folder)
 
 DOWNLOADS = ".downloads"
 # sha256 of archives that have no published checksum, taken on their first download (trust on first use).
@@ -75,16 +81,19 @@ def download(
     writes a synthetic dataset. Both come from the dataset's source (`trimodal.pipeline.datasets`).
     """
     name = manifest.name
-    root = Path(root)
+    root = location(root)
     target = root / name
     if manifest.local:
         raise ConfigError(f"{name} is your own data: there is nothing to download "
                           f"(run `mm validate {name}` and `mm shard {name}` on its folder)")
+    if is_remote(root):  # a source that reads it from there (cc3m): plain files and a hook, no unpacking
+        with storage_errors(f"downloading {name} into {root}"):
+            prepare_folder(root)
     given = dict(hook_options or {})
     wanted = _wanted_archives(manifest, only)
     complete = None
     if force and not only:
-        shutil.rmtree(target, ignore_errors=True)
+        remove_tree(target)
     elif not force:
         complete = read_marker(root, name)
         if complete and hook is None:
@@ -98,7 +107,7 @@ def download(
         state = {}
     if not force and only and hook is None and all(archive.file in state.get("archives", {}) for archive in wanted):
         return DownloadResult(name, target, already_complete=True)
-    target.mkdir(parents=True, exist_ok=True)
+    prepare_folder(target)
     state.update({"dataset": name, "trimodal": __version__})
     state.setdefault("verified", verify)  # a complete download's files stay as verified as they were
     state.setdefault("archives", {})
@@ -121,7 +130,7 @@ def download(
         write_marker(target, _with_progress(state, manifest, has_step))
         outcomes.append(outcome)
     write_marker(target, _with_progress(state, manifest, has_step))
-    downloads = root / DOWNLOADS
+    downloads = _downloads(root)
     if downloads.is_dir() and not any(downloads.iterdir()):
         downloads.rmdir()
     if hook is None or not all(archive.file in state["archives"] for archive in manifest.archives):
@@ -131,7 +140,13 @@ def download(
                           archives=outcomes, step=step)
 
 
-def _run_step(hook, state: dict, manifest: Manifest, target: Path, given: dict, reporter: Reporter) -> dict:
+def _downloads(root: StoragePath) -> Path:
+    """Where files are fetched to before they are verified and placed: ROOT/.downloads, or a local
+    working folder for a ROOT in object storage (resumable `.part` files need a local file)."""
+    return working_folder("downloads", root) if is_remote(root) else root / DOWNLOADS
+
+
+def _run_step(hook, state: dict, manifest: Manifest, target: StoragePath, given: dict, reporter: Reporter) -> dict:
     """Run the download hook and record what it did; the record says complete only once the hook does.
 
     Its details update the earlier ones, so a run that had nothing to do keeps the last run's figures.
@@ -187,11 +202,11 @@ def _download_archive(
     reporter: Reporter,
     policy: FetchPolicy,
 ) -> ArchiveOutcome:
-    local = root / DOWNLOADS / archive.file
+    local = _downloads(root) / archive.file
     url = None
     if not local.is_file():
         urls = [mirror.rstrip("/") + "/" + archive.file] if mirror else _resolved(archive.urls)
-        url = fetch(urls, local, reporter=reporter, policy=policy, check_size=_space_check(archive, root))
+        url = fetch(urls, local, reporter=reporter, policy=policy, check_size=_space_check(archive, local.parent))
     size = local.stat().st_size
 
     digests: dict[str, str] = {}
@@ -263,9 +278,13 @@ def _place_plain_file(archive: Archive, root: Path, target: Path, local: Path, u
     """Move a verified plain file into `target` as it is (a rename within ROOT: no second copy, so
     `--keep-archives` has nothing to keep)."""
     destination = target / archive.file
-    if destination.is_dir() and not destination.is_symlink():
-        shutil.rmtree(destination)
-    shutil.move(local, destination)
+    if is_remote(destination):
+        upload(local, destination)  # the object appears whole, or not at all
+        local.unlink()
+    else:
+        if destination.is_dir() and not destination.is_symlink():
+            shutil.rmtree(destination)
+        shutil.move(local, destination)
     # No unpacking proves a plain file whole; fetch() has checked its length against Content-Length,
     # and a source hook that reads it (cc3m's TSV parser) names a file that is not what it should be.
     if verify and archive.unpublished_checksum and not recorded:
@@ -291,21 +310,21 @@ def _record_checksum(root: Path, file: str, sha256: str) -> None:
     write_json(root / RECORDED, {**_recorded_checksums(root), file: sha256}, sort_keys=True)
 
 
-def _space_check(archive: Archive, root: Path):
+def _space_check(archive: Archive, downloads: Path):
     if not archive.is_archive:  # moved, not unpacked: it needs its own bytes only
         unpack_ratio = 0.0
     else:
         unpack_ratio = archive.approx_unpacked_bytes / archive.approx_bytes if archive.approx_bytes else 1.1
 
     def check(bytes_to_come: int) -> None:
-        part = root / DOWNLOADS / (archive.file + ".part")
+        part = downloads / (archive.file + ".part")
         archive_bytes = bytes_to_come + (part.stat().st_size if part.exists() else 0)
         needed = bytes_to_come + int(archive_bytes * unpack_ratio)
-        available = free_bytes(root)
+        available = free_bytes(downloads.parent)
         if available < needed:
             unpacked = f" + {_gb(archive_bytes * unpack_ratio)} unpacked" if unpack_ratio else ""
             raise DiskSpaceError(
-                f"not enough free space under {root} for {archive.file}: need about {_gb(needed)} "
+                f"not enough free space under {downloads.parent} for {archive.file}: need about {_gb(needed)} "
                 f"({_gb(bytes_to_come)} still to download{unpacked}), {_gb(available)} free"
             )
 

@@ -9,15 +9,14 @@ folder (its settings, which shards hold retries) lives in `_trimodal/split.json`
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from trimodal.atomic import write_json
 from trimodal.errors import DatasetLayoutError
 from trimodal.pipeline.base.samples import Problem
 from trimodal.pipeline.base.scan import Scan
+from trimodal.storage import StoragePath, location, listing, make_folder
 
 SHARD_DIGITS = 5  # img2dataset's oom_shard_count: shards 00000 … 99999
 RECORD_DIR = "_trimodal"
@@ -37,7 +36,7 @@ class SplitReport:
     """One split as img2dataset's parquet files tell it, each URL counted once however often it was tried."""
 
     split: str
-    folder: Path
+    folder: StoragePath
     rows: int = 0  # URLs in the finished shards of the first run
     downloaded: int = 0  # of those, the ones that gave an image, on the first try or a later one
     recovered: int = 0  # of `downloaded`, the ones that failed first and succeeded on a retry
@@ -63,10 +62,10 @@ class SplitReport:
 # --- what a split folder holds ---------------------------------------------------------------------------
 
 
-def completed_shards(folder: Path, skip: set[int] = frozenset()) -> dict[int, dict]:
+def completed_shards(folder: StoragePath, skip: set[int] = frozenset()) -> dict[int, dict]:
     """{shard number: its stats} for every shard of `folder` that img2dataset finished (but those in `skip`)."""
     shards = {}
-    for path in Path(folder).glob("*_stats.json"):
+    for path in listing(location(folder), "*_stats.json"):
         match = STATS.fullmatch(path.name)
         if match and int(match.group(1)) not in skip:
             try:
@@ -80,21 +79,21 @@ def shard_name(number: int) -> str:
     return f"{number:0{SHARD_DIGITS}d}"
 
 
-def read_split_record(folder: Path) -> dict:
+def read_split_record(folder: StoragePath) -> dict:
     try:
-        return json.loads((Path(folder) / RECORD_DIR / RECORD).read_text(encoding="utf-8"))
+        return json.loads((location(folder) / RECORD_DIR / RECORD).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
 
 
-def write_split_record(folder: Path, record: dict) -> None:
-    (folder / RECORD_DIR).mkdir(parents=True, exist_ok=True)
+def write_split_record(folder: StoragePath, record: dict) -> None:
+    make_folder(folder / RECORD_DIR)
     write_json(folder / RECORD_DIR / RECORD, record)
 
 
-def unfinished_shards(folder: Path, done: dict[int, dict]) -> list[int]:
+def unfinished_shards(folder: StoragePath, done: dict[int, dict]) -> list[int]:
     """Shards with a tar or parquet file but no (readable) stats file."""
-    numbers = {int(path.stem) for suffix in ("tar", "parquet") for path in folder.glob(f"*.{suffix}")
+    numbers = {int(path.stem) for suffix in ("tar", "parquet") for path in listing(folder, f"*.{suffix}")
                if path.stem.isdigit()}
     return sorted(numbers - set(done))
 
@@ -102,7 +101,7 @@ def unfinished_shards(folder: Path, done: dict[int, dict]) -> list[int]:
 # --- reading img2dataset's parquet files -----------------------------------------------------------------
 
 
-def _read_rows(folder: Path, shards: list[int], columns: tuple[str, ...] = ("url", "status", "error_message")):
+def _read_rows(folder: StoragePath, shards: list[int], columns: tuple[str, ...] = ("url", "status", "error_message")):
     """The rows of the parquet files of `shards`, in shard order, with a `shard` column."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -111,7 +110,8 @@ def _read_rows(folder: Path, shards: list[int], columns: tuple[str, ...] = ("url
     for number in shards:
         path = folder / f"{shard_name(number)}.parquet"
         try:
-            table = pq.read_table(path, columns=list(columns))
+            with path.open("rb") as raw:
+                table = pq.read_table(raw, columns=list(columns))
         except (OSError, pa.ArrowException) as error:
             raise DatasetLayoutError(f"{path}: cannot read img2dataset's record of shard {shard_name(number)} "
                                      f"({error}); remove {shard_name(number)}_stats.json to have the shard "
@@ -122,7 +122,7 @@ def _read_rows(folder: Path, shards: list[int], columns: tuple[str, ...] = ("url
     return pa.concat_tables(tables)
 
 
-def _split_rows(folder: Path, columns: tuple[str, ...] = ("url", "status", "error_message")):
+def _split_rows(folder: StoragePath, columns: tuple[str, ...] = ("url", "status", "error_message")):
     """(first-run rows, retry rows) of the finished shards of `folder`."""
     done = sorted(completed_shards(folder))
     retry = set(read_split_record(folder).get("retry_shards", []))
@@ -143,19 +143,19 @@ def _recovered_urls(first, retried):
     return pc.unique(pa.chunked_array(again.chunks + on_retry.chunks, pa.string()))
 
 
-def split_report(folder: Path, split: str, *, examples: int = 3, max_reasons: int = 12) -> SplitReport:
+def split_report(folder: StoragePath, split: str, *, examples: int = 3, max_reasons: int = 12) -> SplitReport:
     """Successes and failures of one img2dataset output folder, each first-run URL counted once.
 
     A URL that failed and then succeeded on a retry counts as downloaded (the first run's parquet still
     says failed: rows are reconciled by URL); one that never succeeded is counted under the reason of
     its latest attempt. Reasons beyond the `max_reasons` most frequent are summed as "other reasons".
     """
-    folder = Path(folder)
+    folder = location(folder)
     first, retried = _split_rows(folder)
     return _report(folder, split, first, _unresolved(first, retried), examples, max_reasons)
 
 
-def _report(folder: Path, split: str, first, unresolved, examples: int = 3, max_reasons: int = 12) -> SplitReport:
+def _report(folder: StoragePath, split: str, first, unresolved, examples: int = 3, max_reasons: int = 12) -> SplitReport:
     import pyarrow.compute as pc
 
     done = completed_shards(folder)
@@ -204,11 +204,11 @@ def _unresolved(first, retried):
             .append_column("retries", pc.coalesce(joined["url_count"], pa.scalar(0, pa.int64()))))
 
 
-def url_attempts(folder: Path, urls: set[str] | None = None) -> dict[str, list[dict]]:
+def url_attempts(folder: StoragePath, urls: set[str] | None = None) -> dict[str, list[dict]]:
     """Every try of each URL that ever failed (or of `urls`), in order: {url: [{shard, key, status, error_message}]}."""
     import pyarrow.compute as pc
 
-    first, retried = _split_rows(Path(folder), ("url", "key", "status", "error_message"))
+    first, retried = _split_rows(location(folder), ("url", "key", "status", "error_message"))
     if urls is None:
         failed_first = first["url"].filter(pc.not_equal(first["status"], "success"))
         urls = set(failed_first.to_pylist())
@@ -226,13 +226,13 @@ def _string_array(values):
     return pa.array(sorted(values), pa.string())
 
 
-def report_scan(name: str, root: Path, dataset_dir: Path, folders: dict[str, Path]):
+def report_scan(name: str, root: StoragePath, dataset_dir: StoragePath, folders: dict[str, StoragePath]):
     """A Scan (no samples) of img2dataset output folders: per split, the success rate (info), each failure
     reason with its count and example URLs (warnings), and a folder no shard finished in (error)."""
     problems: list[Problem] = []
     counts: dict[str, int] = {}
     for split, folder in folders.items():
-        where = os.path.relpath(folder, root)
+        where = _relative(folder, root)
         if not completed_shards(folder):
             problems.append(Problem("not_downloaded", "error", where, split=split,
                                     detail=f"no img2dataset shard has finished in {folder}"))
@@ -254,4 +254,9 @@ def report_scan(name: str, root: Path, dataset_dir: Path, folders: dict[str, Pat
                                     detail=f"shards {', '.join(map(shard_name, report.unfinished[:10]))} have no "
                                            "stats file: interrupted or still being written (their rows are not "
                                            "counted)"))
-    return Scan(name, Path(root), Path(dataset_dir), [], problems, counts)
+    return Scan(name, location(root), location(dataset_dir), [], problems, counts)
+
+
+def _relative(path: StoragePath, root: StoragePath) -> str:
+    """`path` relative to `root`, which holds it (on disk or in object storage alike)."""
+    return str(path)[len(str(root)):].lstrip("/") or "."

@@ -25,9 +25,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from trimodal.atomic import atomic_path
 from trimodal.errors import ConfigError, DownloadError
 from trimodal.progress import SILENT, Reporter
+from trimodal.storage import StoragePath, is_remote, listing, make_folder, open_atomic, prepare_folder, storage_errors
 from trimodal.pipeline.download.url_report import (RECORD_DIR, SHARD_DIGITS, STATS, SplitReport, _report, _split_rows,
                                           _unresolved, completed_shards, read_split_record, shard_name,
                                           split_report, unfinished_shards, write_split_record)
@@ -47,6 +47,7 @@ URL_LIST = "urls.parquet"
 RETRY_LIST = "retry-urls.parquet"
 NOT_IMPORTABLE = 3  # exit status of the child process when img2dataset does not import
 _POLL_SECONDS = 0.25
+_REMOTE_POLL_SECONDS = 2.0  # a listing of object storage is a request: fewer of them
 _STOP_SECONDS = 20.0
 _LOG_TAIL_LINES = 15
 
@@ -78,7 +79,7 @@ class Img2datasetOptions:
             raise ConfigError("img2dataset: " + "; ".join(problems))
         check_distributor(self.distributor)
 
-    def arguments(self, url_list: Path, output: Path, mode: str) -> dict:
+    def arguments(self, url_list: StoragePath, output: StoragePath, mode: str) -> dict:
         """Keyword arguments of `img2dataset.download` for one URL list (a parquet: caption, url)."""
         return dict(url_list=str(url_list), input_format="parquet", url_col="url", caption_col="caption",
                     output_format="webdataset", output_folder=str(output), processes_count=self.processes,
@@ -112,53 +113,59 @@ def check_distributor(name: str) -> None:
 class UrlList:
     """One split's URLs: a parquet with columns caption and url, and the folder img2dataset writes them to."""
 
-    parquet: Path
+    parquet: StoragePath
     rows: int
-    output: Path
+    output: StoragePath
 
 
-def url_list_path(output: Path) -> Path:
+def url_list_path(output: StoragePath) -> StoragePath:
     """Where a split's URL list is kept: in its output folder's `_trimodal/`."""
-    return Path(output) / RECORD_DIR / URL_LIST
+    return output / RECORD_DIR / URL_LIST
 
 
 @dataclass(frozen=True)
 class Img2datasetJob:
     split: str
-    url_list: Path
-    output: Path
+    url_list: StoragePath
+    output: StoragePath
     rows: int  # URLs this run downloads: the progress total
     mode: str = "incremental"  # or "extend": new shards numbered after the existing ones
 
 
-def _last_shard(folder: Path) -> int:
+def _last_shard(folder: StoragePath) -> int:
     """The highest shard number with a stats file, as img2dataset's "extend" mode counts (by name); -1 if none."""
-    return max((int(match.group(1)) for path in folder.glob("*_stats.json") if (match := STATS.fullmatch(path.name))),
-               default=-1)
+    return max((int(match.group(1)) for path in listing(folder, "*_stats.json")
+                 if (match := STATS.fullmatch(path.name))), default=-1)
 
 
-def _remove_shard(folder: Path, number: int) -> None:
+def _remove_shard(folder: StoragePath, number: int) -> None:
     for suffix in (".tar", ".parquet", "_stats.json"):
         (folder / (shard_name(number) + suffix)).unlink(missing_ok=True)
 
 
-def check_output_folder(folder: Path) -> None:
+def check_output_folder(folder: StoragePath) -> None:
     """Make `folder` (an img2dataset output folder) or say in one line why it cannot be written."""
-    try:
-        (folder / RECORD_DIR).mkdir(parents=True, exist_ok=True)
-        probe = folder / RECORD_DIR / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise UrlDownloadError(f"cannot write img2dataset's output folder {folder}: "
-                               f"{error.strerror or error}") from error
-    foreign = sorted(path.name for path in folder.glob("*.json") if not STATS.fullmatch(path.name))
+    probe = folder / RECORD_DIR / ".write-test"
+    if is_remote(folder):
+        with storage_errors(f"cannot write img2dataset's output folder {folder}"):
+            prepare_folder(folder)
+            probe.write_bytes(b"")
+            probe.unlink()
+    else:
+        try:
+            make_folder(folder / RECORD_DIR)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            raise UrlDownloadError(f"cannot write img2dataset's output folder {folder}: "
+                                   f"{error.strerror or error}") from error
+    foreign = sorted(path.name for path in listing(folder, "*.json") if not STATS.fullmatch(path.name))
     if foreign:
         raise UrlDownloadError(f"{folder} holds {', '.join(foreign)}: img2dataset reads every *.json there as a "
                                "shard's stats (NNNNN_stats.json) and would stop; move those files elsewhere")
 
 
-def prepare_split(folder: Path, rows: int, options: Img2datasetOptions) -> int:
+def prepare_split(folder: StoragePath, rows: int, options: Img2datasetOptions) -> int:
     """How many of a `rows`-row URL list's rows are still to download into `folder`.
 
     img2dataset skips every shard that has a stats file, so shards holding fewer rows than the list now
@@ -191,7 +198,7 @@ def prepare_split(folder: Path, rows: int, options: Img2datasetOptions) -> int:
     return todo
 
 
-def missing_shards(folder: Path, rows: int, samples_per_shard: int) -> list[int]:
+def missing_shards(folder: StoragePath, rows: int, samples_per_shard: int) -> list[int]:
     """Shards of a `rows`-row URL list that img2dataset has not finished in `folder`."""
     done = completed_shards(folder)
     return [number for number in range(math.ceil(rows / samples_per_shard)) if number not in done]
@@ -221,6 +228,7 @@ def run_img2dataset(jobs: list[Img2datasetJob], options: Img2datasetOptions, *, 
            "NO_ALBUMENTATIONS_UPDATE": "1", "TQDM_DISABLE": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     log.parent.mkdir(parents=True, exist_ok=True)
     before = {job.split: set(completed_shards(job.output)) for job in jobs}
+    poll = _REMOTE_POLL_SECONDS if any(is_remote(job.output) for job in jobs) else _POLL_SECONDS
     with open(log, "a", encoding="utf-8") as log_file:
         log_file.write(f"\n=== trimodal {time.strftime('%Y-%m-%d %H:%M:%S')}: img2dataset for "
                        f"{', '.join(job.split for job in jobs)}\n")
@@ -228,7 +236,7 @@ def run_img2dataset(jobs: list[Img2datasetJob], options: Img2datasetOptions, *, 
         child = subprocess.Popen([sys.executable, "-m", __name__, json.dumps(arguments)], stdin=subprocess.DEVNULL,
                                  stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
-            _follow(child, jobs, before, reporter)
+            _follow(child, jobs, before, reporter, poll)
         except BaseException:
             _stop(child)
             raise
@@ -240,7 +248,8 @@ def run_img2dataset(jobs: list[Img2datasetJob], options: Img2datasetOptions, *, 
                                f"{log}:\n{_log_tail(log, _LOG_TAIL_LINES)}")
 
 
-def _follow(child: subprocess.Popen, jobs: list[Img2datasetJob], before: dict[str, set], reporter: Reporter) -> None:
+def _follow(child: subprocess.Popen, jobs: list[Img2datasetJob], before: dict[str, set], reporter: Reporter,
+            poll: float) -> None:
     tasks = {job.split: reporter.task(f"img2dataset {job.split}", total=job.rows, unit="URLs") for job in jobs}
     seen = {split: set(numbers) for split, numbers in before.items()}
     tally = {job.split: Counter() for job in jobs}
@@ -259,7 +268,7 @@ def _follow(child: subprocess.Popen, jobs: list[Img2datasetJob], before: dict[st
             if finished:
                 succeeded = child.returncode == 0
                 return
-            time.sleep(_POLL_SECONDS)
+            time.sleep(poll)
     finally:
         for task in tasks.values():
             task.close(finished=succeeded)
@@ -333,21 +342,20 @@ def _stop_with_parent() -> None:
 @dataclass
 class RetryPlan:
     split: str
-    folder: Path
+    folder: StoragePath
     queued: int  # URLs to try again
     exhausted: int  # failed URLs left alone: they have had their attempts
     shards: list[int]  # the new shards they go into
     before: SplitReport
 
 
-def plan_retry(folder: Path, split: str, max_attempts: int, options: Img2datasetOptions) -> RetryPlan:
+def plan_retry(folder: StoragePath, split: str, max_attempts: int, options: Img2datasetOptions) -> RetryPlan:
     """Queue (in `_trimodal/retry-urls.parquet`) each URL of `folder` that never succeeded and has been tried
     fewer than `max_attempts` times (the first run counts as one), and reserve the shards it goes into."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    folder = Path(folder)
     first, retried = _split_rows(folder, ("caption", "url", "status", "error_message"))
     unresolved = _unresolved(first, retried)
     before = _report(folder, split, first, unresolved)
@@ -359,9 +367,9 @@ def plan_retry(folder: Path, split: str, max_attempts: int, options: Img2dataset
     start = _last_shard(folder) + 1  # where img2dataset's "extend" mode numbers them from
     shards = list(range(start, start + math.ceil(queue.num_rows / options.samples_per_shard)))
     if queue.num_rows:
-        (folder / RECORD_DIR).mkdir(parents=True, exist_ok=True)
-        with atomic_path(folder / RECORD_DIR / RETRY_LIST) as temporary:
-            pq.write_table(pa.table({"caption": queue["caption_first"], "url": queue["url"]}), temporary)
+        make_folder(folder / RECORD_DIR)
+        with open_atomic(folder / RECORD_DIR / RETRY_LIST) as handle:
+            pq.write_table(pa.table({"caption": queue["caption_first"], "url": queue["url"]}), handle)
         record["retry_shards"] = sorted(set(record.get("retry_shards", [])) | set(shards))
         write_split_record(folder, record)  # before img2dataset starts: an interrupted retry is still known
     return RetryPlan(split, folder, queue.num_rows, exhausted, shards, before)
@@ -397,13 +405,13 @@ def download_url_lists(url_lists: dict[str, UrlList], options: Img2datasetOption
     options.check()
     if max_attempts < 1:
         raise ConfigError(f"--retries must be at least 1 (got {max_attempts})")
-    folders = {split: Path(url_list.output) for split, url_list in url_lists.items()}
+    folders = {split: url_list.output for split, url_list in url_lists.items()}
     jobs = []
     for split, url_list in url_lists.items():
         check_output_folder(folders[split])
         todo = prepare_split(folders[split], url_list.rows, options)
         if todo:
-            jobs.append(Img2datasetJob(split, Path(url_list.parquet), folders[split], todo))
+            jobs.append(Img2datasetJob(split, url_list.parquet, folders[split], todo))
     run_img2dataset(jobs, options, log=log, reporter=reporter)
     details = {"complete": True, "ran": bool(jobs), "problem": None, "image_size": options.image_size,
                "samples_per_shard": options.samples_per_shard, "log": str(log), "splits": {}}

@@ -6,6 +6,9 @@ instead of copied, and `OUT/index.json` describes them: counts, sha256, key rang
 to count and check it; a sidecar per shard remembers the source's size and mtime, so a rerun rereads
 only what changed. A tar with a sample that lacks an image or a caption is the one case that is
 rewritten (without those samples, listed under `skipped`): no reader may see a half sample.
+
+Either side may be in object storage (`trimodal.storage`), where there are no links: each tar is then
+copied as it is read (the one read that checks it), and appears in OUT whole or not at all.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from trimodal.pipeline.read.shards import IMAGE_SUFFIXES
 from trimodal.pipeline.shard.writer import SIDECARS, ShardOptions, TarStream, read_sidecar, remove_stale
 from trimodal.pipeline.read.index import FORMAT, INDEX
 from trimodal.progress import SILENT, Reporter
+from trimodal.storage import StoragePath, absolute, is_remote, listing, location, make_folder, open_atomic, prepare_folder
 
 _MAGIC = {"jpg": (b"\xff\xd8",), "jpeg": (b"\xff\xd8",), "png": (b"\x89PNG",), "webp": (b"RIFF",)}
 _CHUNK = 1 << 20
@@ -33,35 +37,37 @@ _CHUNK = 1 << 20
 class _Source:
     split: str
     name: str  # our shard name, `<split>-%06d.tar`
-    path: Path  # the adopted tar
+    path: StoragePath  # the adopted tar
 
     def stat(self) -> list:
         info = self.path.stat()
-        return [str(self.path.resolve()), info.st_size, info.st_mtime_ns]
+        return [str(absolute(self.path)), info.st_size, info.st_mtime_ns]
 
 
-def find_tars(folder: Path) -> list[Path]:
+def find_tars(folder: StoragePath) -> list[StoragePath]:
     """img2dataset's finished tars in one output folder, in shard order (`00000.tar`, `00001.tar`, …).
 
     img2dataset writes `K_stats.json` after `K.tar`: where the folder has stats files, a tar without one
     is being written or was cut off by an interruption, and is left out (see `unfinished_tars`). A
     folder with no stats file at all (tars copied without them) is taken as it is."""
-    tars = sorted(path for path in Path(folder).glob("*.tar") if path.is_file())
-    if any(Path(folder).glob("*_stats.json")):
-        return [path for path in tars if path.with_name(f"{path.stem}_stats.json").is_file()]
+    folder = location(folder)
+    tars = listing(folder, "*.tar")
+    stats = {path.name for path in listing(folder, "*_stats.json")}
+    if stats:
+        return [path for path in tars if f"{path.stem}_stats.json" in stats]
     return tars
 
 
-def unfinished_tars(folder: Path) -> list[Path]:
-    finished = set(find_tars(folder))
-    return [path for path in sorted(Path(folder).glob("*.tar")) if path not in finished]
+def unfinished_tars(folder: StoragePath) -> list[StoragePath]:
+    finished = {str(path) for path in find_tars(folder)}
+    return [path for path in listing(location(folder), "*.tar") if str(path) not in finished]
 
 
-def adopt_splits(dataset: str, folders: dict[str, Path], out: Path, options: ShardOptions = ShardOptions(), *,
+def adopt_splits(dataset: str, folders: dict[str, StoragePath], out: StoragePath, options: ShardOptions = ShardOptions(), *,
                  reporter: Reporter = SILENT) -> dict:
     """Describe the tars of `folders` (split -> img2dataset output folder) in `out/index.json`, linked in."""
     options.check()
-    out = Path(out)
+    out = location(out)
     sources = []
     for split, folder in folders.items():
         for number, path in enumerate(find_tars(folder)):
@@ -70,8 +76,8 @@ def adopt_splits(dataset: str, folders: dict[str, Path], out: Path, options: Sha
         where = ", ".join(str(folder) for folder in folders.values())
         raise DatasetLayoutError(f"no webdataset tars (*.tar) in {where}: nothing to adopt "
                                  f"(for cc3m, run `mm download cc3m` first)")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / SIDECARS).mkdir(exist_ok=True)
+    prepare_folder(out)
+    make_folder(out / SIDECARS)
     (out / INDEX).unlink(missing_ok=True)
     remove_stale(out, {source.name for source in sources})
 
@@ -101,7 +107,7 @@ def adopt_splits(dataset: str, folders: dict[str, Path], out: Path, options: Sha
     return index
 
 
-def _completed(out: Path, source: _Source) -> dict | None:
+def _completed(out: StoragePath, source: _Source) -> dict | None:
     record = read_sidecar(out, source.name)
     return record if record is not None and record.get("source") == source.stat() else None
 
@@ -109,29 +115,39 @@ def _completed(out: Path, source: _Source) -> dict | None:
 class _HashingReader:
     """A file object that hashes what tarfile reads through it (one pass: check and sha256 together)."""
 
-    def __init__(self, raw, advance):
-        self._raw, self.sha256, self._advance = raw, hashlib.sha256(), advance
+    def __init__(self, raw, advance, sink=None):
+        self._raw, self.sha256, self._advance, self._sink = raw, hashlib.sha256(), advance, sink
+        self.size = 0
 
     def read(self, size: int = -1) -> bytes:
         data = self._raw.read(size)
         self.sha256.update(data)
+        self.size += len(data)
+        if self._sink is not None:
+            self._sink.write(data)
         self._advance(len(data))
         return data
 
 
-def _adopt(source: _Source, out: Path, advance) -> dict:
-    samples, bad, sha256 = _read(source, advance)
+class _HasBadSamples(Exception):
+    """A copy made while reading would hold incomplete samples: it is discarded (see `_copied`)."""
+
+
+def _adopt(source: _Source, out: StoragePath, advance) -> dict:
     target = out / source.name
+    linkable = not is_remote(source.path) and not is_remote(out)
+    if linkable:
+        samples, bad, sha256, size = _read(source, advance)
+    else:  # object storage has no links: a copy, written as the tar is read
+        samples, bad, sha256, size = _copied(source, target, advance)
     if bad:
         how, entry = "copy", _rewrite(source, samples, target)
     else:
-        how = _link(source.path, target)
-        with open(target, "rb") as raw:
-            size = os.fstat(raw.fileno()).st_size
+        how = _link(source.path, target) if linkable else "copy"
         entry = {"name": source.name, "samples": len(samples), "captions": sum(s[1] for s in samples),
                  "utterances": 0, "bytes": size, "sha256": sha256,
                  "first_key": samples[0][0] if samples else None, "last_key": samples[-1][0] if samples else None}
-    entry["adopted_from"] = str(source.path.resolve())
+    entry["adopted_from"] = str(absolute(source.path))
     entry["adopted_by"] = how
     keys = sorted(key for key, _ in samples)
     entry["min_key"], entry["max_key"] = (keys[0], keys[-1]) if keys else (None, None)
@@ -140,8 +156,24 @@ def _adopt(source: _Source, out: Path, advance) -> dict:
     return record
 
 
-def _read(source: _Source, advance) -> tuple[list[tuple[str, int]], list[dict], str]:
-    """[(key, captions)] of the complete samples, the incomplete ones, and the tar's sha256: one read."""
+def _copied(source: _Source, target: StoragePath, advance) -> tuple[list[tuple[str, int]], list[dict], str, int]:
+    """`_read`, writing the tar's bytes to `target` as they come; a tar with incomplete samples leaves
+    nothing under `target` (its copy is discarded: `_rewrite` writes what may be read)."""
+    try:
+        with open_atomic(target) as sink:
+            samples, bad, sha256, size = _read(source, advance, sink)
+            if bad:
+                raise _HasBadSamples
+    except _HasBadSamples:
+        pass
+    except OSError as error:
+        raise ShardError(f"cannot write {target}: {getattr(error, 'strerror', None) or error}") from error
+    return samples, bad, sha256, size
+
+
+def _read(source: _Source, advance, sink=None) -> tuple[list[tuple[str, int]], list[dict], str, int]:
+    """[(key, captions)] of the complete samples, the incomplete ones, the tar's sha256 and its size: one
+    read (its bytes also written to `sink` when given)."""
     samples, bad = [], []
     seen: set[str] = set()
     current: dict[str, bytes] = {}
@@ -168,8 +200,8 @@ def _read(source: _Source, advance) -> tuple[list[tuple[str, int]], list[dict], 
             samples.append((key, len(caption.splitlines()) or 1))
 
     try:
-        with open(source.path, "rb") as raw:
-            reader = _HashingReader(raw, advance)
+        with source.path.open("rb") as raw:
+            reader = _HashingReader(raw, advance, sink)
             with tarfile.open(fileobj=reader, mode="r|") as tar:
                 for member in tar:
                     if not member.isfile():
@@ -185,7 +217,7 @@ def _read(source: _Source, advance) -> tuple[list[tuple[str, int]], list[dict], 
                 pass
     except (tarfile.TarError, OSError, EOFError, UnicodeError) as error:
         raise ShardError(f"cannot read {source.path}: {error}; the tar is damaged (download it again)") from error
-    return samples, bad, reader.sha256.hexdigest()
+    return samples, bad, reader.sha256.hexdigest(), reader.size
 
 
 def _link(source: Path, target: Path) -> str:
@@ -206,20 +238,18 @@ def _link(source: Path, target: Path) -> str:
     return how
 
 
-def _rewrite(source: _Source, samples: list[tuple[str, int]], target: Path) -> dict:
+def _rewrite(source: _Source, samples: list[tuple[str, int]], target: StoragePath) -> dict:
     """A copy of the tar with only the complete samples (members in their original order)."""
     keep = {key for key, _ in samples}
-    temporary = target.with_name(target.name + ".tmp")
     try:
-        with open(temporary, "wb") as raw, tarfile.open(source.path, mode="r|") as tar:
+        with (open_atomic(target) as raw, source.path.open("rb") as tar_bytes,
+              tarfile.open(fileobj=tar_bytes, mode="r|") as tar):
             stream = TarStream(raw)
             for member in tar:
                 if member.isfile() and member.name.rsplit("/", 1)[-1].partition(".")[0] in keep:
                     stream.add(member.name.rsplit("/", 1)[-1], tar.extractfile(member).read())
             stream.close()
-        os.replace(temporary, target)
     except (OSError, tarfile.TarError) as error:
-        temporary.unlink(missing_ok=True)
         raise ShardError(f"cannot write {target}: {getattr(error, 'strerror', None) or error}") from error
     return {"name": source.name, "samples": len(samples), "captions": sum(s[1] for s in samples), "utterances": 0,
             "bytes": stream.size, "sha256": stream.sha256.hexdigest(),
@@ -239,7 +269,7 @@ def _overlapping_key_ranges(index: dict) -> list[str]:
     return overlapping
 
 
-def _index(dataset: str, folders: dict[str, Path], sources: list[_Source], records: list[dict],
+def _index(dataset: str, folders: dict[str, StoragePath], sources: list[_Source], records: list[dict],
            options: ShardOptions) -> dict:
     splits: dict[str, dict] = {}
     skipped = []
@@ -256,9 +286,9 @@ def _index(dataset: str, folders: dict[str, Path], sources: list[_Source], recor
         "created_with": f"trimodal {__version__}",
         # Adopted tars keep img2dataset's shard sizes and sample order: only --max-bad applies.
         "args": {"adopted": True, "max_bad": options.max_bad},
-        "source": {"root": str(Path(next(iter(folders.values()))).resolve().parent),
-                   "folders": {split: str(Path(folder).resolve()) for split, folder in folders.items()},
-                   "dataset_dir": str(Path(next(iter(folders.values()))).resolve().parent), "audio": None,
+        "source": {"root": str(absolute(next(iter(folders.values()))).parent),
+                   "folders": {split: str(absolute(folder)) for split, folder in folders.items()},
+                   "dataset_dir": str(absolute(next(iter(folders.values()))).parent), "audio": None,
                    "audio_dir": None},
         "modalities": ["image", "text"],
         "splits": splits,

@@ -7,6 +7,9 @@ first lookup, so `mm download/validate/shard/info` see a new source without any 
 Most sources list files and `mm shard` writes them into tars. Two kinds do more, through hooks: a
 source too large to list in memory, or whose samples already are webdataset tars, shards itself
 (`shard=`), and a source whose downloaded files are only a list of URLs fetches the rest (`download=`).
+
+A source that reads its ROOT through `trimodal.storage` paths only says so (`remote_root=True`): its
+ROOT may then be in object storage (`s3://…`); for the others a URL as ROOT is refused in one line.
 """
 
 from __future__ import annotations
@@ -15,11 +18,11 @@ import importlib
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from trimodal.errors import ConfigError, DatasetLayoutError
 from trimodal.pipeline.download.manifest import available, load_manifest
 from trimodal.pipeline.base.scan import Scan
+from trimodal.storage import StoragePath, is_remote, location
 
 
 ScanFunction = Callable[..., Scan]  # scan(root, name, **options) -> Scan
@@ -40,6 +43,7 @@ class Source:
     shard: Sharder | None = None  # writes (or adopts) its own shards instead of listing samples
     download: Downloader | None = None  # fetches what the manifest's files point to
     download_options: frozenset[str] = frozenset()  # options only its download takes, e.g. {"processes"}
+    remote_root: bool = False  # its ROOT may be in object storage
 
 
 _SOURCES: dict[str, Source] = {}
@@ -49,14 +53,14 @@ _discovered = False
 
 def register_source(name: str, *, options: tuple[str, ...] = (), synthesize: Synthesizer | None = None,
                     shard: Sharder | None = None, download: Downloader | None = None,
-                    download_options: tuple[str, ...] = ()):
+                    download_options: tuple[str, ...] = (), remote_root: bool = False):
     """Decorator for a scan function: `@register_source("coco2014", options=("splits",))`."""
 
     def register(scan: ScanFunction) -> ScanFunction:
         if name in _SOURCES and _SOURCES[name].scan is not scan:
             raise ValueError(f"two sources register the name {name!r}")
         _SOURCES[name] = Source(name, scan, frozenset(options), synthesize, shard, download,
-                                frozenset(download_options))
+                                frozenset(download_options), remote_root)
         return scan
 
     return register
@@ -112,7 +116,16 @@ def check_options(source: Source, given: dict, kind: str = "options") -> None:
                                     f"{', '.join(users[option]) or 'no dataset'})" for option in unknown))
 
 
-def scan_source(name: str, root: Path | None, **options) -> Scan:
+def check_root(source: Source, root: StoragePath, command: str) -> None:
+    """A ConfigError when `root` is in object storage and `source` reads only local folders."""
+    if is_remote(root) and not source.remote_root:
+        readers = ", ".join(sorted(s.name for s in _SOURCES.values() if s.remote_root))
+        raise ConfigError(f"mm {command} {source.name} needs a local --root, not {root} (a ROOT in object "
+                          f"storage is for {readers}); `mm shard {source.name} --out {root}/…` puts its "
+                          "shards in object storage")
+
+
+def scan_source(name: str, root: StoragePath | None, **options) -> Scan:
     """Read `name` under `root`; `options` are source-specific (`splits=`, `manifest=`), None = default.
 
     `root` may be None only for a source that takes a `manifest` (a JSONL file that says where
@@ -123,4 +136,7 @@ def scan_source(name: str, root: Path | None, **options) -> Scan:
     check_options(source, given)
     if root is None and "manifest" not in source.options:
         raise ConfigError(f"--root is required: the folder that holds {name}/")
-    return source.scan(Path(root) if root is not None else None, name, **given)
+    if root is not None:
+        root = location(root)
+        check_root(source, root, "validate")
+    return source.scan(root, name, **given)

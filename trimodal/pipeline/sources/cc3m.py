@@ -5,14 +5,17 @@ fetched by img2dataset into `cc3m/train/` and `cc3m/val/` as webdataset tars (ad
 runs `download_cc3m`, the source's download hook: each TSV becomes a URL list that img2dataset downloads
 resized as in its cc3m recipe, and `--retry-failed` tries the URLs that failed again. `mm validate cc3m`
 reports success rates and failure reasons from img2dataset's parquet files.
+
+ROOT may be in object storage (`--root s3://bucket/data`): img2dataset writes the shards there itself, the
+TSVs, URL lists and records are kept there as on disk, and img2dataset's log is written on this machine
+(`$TRIMODAL_CACHE/img2dataset-logs/…`) and copied into ROOT after each run.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from contextlib import contextmanager
 
-from trimodal.atomic import atomic_path
 from trimodal.errors import ConfigError, DatasetLayoutError
 from trimodal.pipeline.download.manifest import load_manifest
 from trimodal.pipeline.base.samples import Problem
@@ -28,6 +31,8 @@ from trimodal.pipeline.download.urls import (
 )
 from trimodal.pipeline.download.url_report import read_split_record, report_scan
 from trimodal.progress import SILENT, Reporter
+from trimodal.storage import (StoragePath, copy_to_local, is_remote, location, make_folder, open_atomic,
+                              storage_errors, upload, working_folder)
 
 TSV_FILES = {"train": "Train_GCC-training.tsv", "val": "Validation_GCC-1.1.0-Validation.tsv"}
 COLUMNS = ("caption", "url")
@@ -41,10 +46,11 @@ _BAD_LINE_EXAMPLES = 5
 
 def shard_cc3m(root, name, out, options, *, reporter, **source_options):
     from trimodal.pipeline.shard.adopt import adopt_splits  # written by another engineer
+    root = location(root)
     return adopt_splits(name, {"train": root / name / "train", "val": root / name / "val"}, out, options, reporter=reporter)
 
 
-def download_cc3m(target_dir: Path, *, reporter: Reporter = SILENT, processes: int | None = None,
+def download_cc3m(target_dir: StoragePath, *, reporter: Reporter = SILENT, processes: int | None = None,
                   threads: int | None = None, image_size: int | None = None, max_samples: int | None = None,
                   retry_failed: bool = False, retries: int | None = None, distributor: str | None = None,
                   timeout: float | None = None, samples_per_shard: int | None = None) -> dict:
@@ -58,7 +64,7 @@ def download_cc3m(target_dir: Path, *, reporter: Reporter = SILENT, processes: i
         raise ConfigError("--retries only applies with --retry-failed")
     if max_samples is not None and max_samples < 1:
         raise ConfigError(f"--max-samples must be at least 1 (got {max_samples})")
-    target_dir = Path(target_dir)
+    target_dir = location(target_dir)
     # A split continues with the settings it was started with unless told otherwise (then it says why not).
     recorded = next((record for record in (read_split_record(target_dir / split) for split in TSV_FILES) if record), {})
     options = Img2datasetOptions(
@@ -76,14 +82,36 @@ def download_cc3m(target_dir: Path, *, reporter: Reporter = SILENT, processes: i
         check_output_folder(output)
         rows = write_url_list(target_dir / file, url_list_path(output), max_samples, reporter=reporter)
         url_lists[split] = UrlList(url_list_path(output), rows, output)
-    details = download_url_lists(url_lists, options, log=target_dir / LOG, retry_failed=retry_failed,
-                                 max_attempts=retries if retries is not None else ATTEMPTS,
-                                 command=f"mm download cc3m --root {target_dir.parent}", reporter=reporter)
-    details["max_samples"] = max_samples
+    with _log(target_dir) as log:
+        details = download_url_lists(url_lists, options, log=log, retry_failed=retry_failed,
+                                     max_attempts=retries if retries is not None else ATTEMPTS,
+                                     command=f"mm download cc3m --root {target_dir.parent}", reporter=reporter)
+    details.update(max_samples=max_samples, log=str(target_dir / LOG))
     return details
 
 
-def read_tsv(tsv: Path):
+@contextmanager
+def _log(target_dir: StoragePath):
+    """img2dataset's log, a file on this machine (its output is redirected into it): `target_dir`'s own,
+    or for a `target_dir` in object storage a local copy, copied back when the run ends however it ends."""
+    if not is_remote(target_dir):
+        yield target_dir / LOG
+        return
+    local = working_folder("img2dataset-logs", target_dir) / LOG
+    local.parent.mkdir(parents=True, exist_ok=True)
+    local.unlink(missing_ok=True)
+    with storage_errors(f"reading {target_dir / LOG}"):
+        if (target_dir / LOG).is_file():
+            copy_to_local(target_dir / LOG, local)
+    try:
+        yield local
+    finally:
+        if local.is_file():
+            with storage_errors(f"writing {target_dir / LOG}"):
+                upload(local, target_dir / LOG)
+
+
+def read_tsv(tsv: StoragePath):
     """The TSV as a table of (caption, url) strings; a line without exactly two tab-separated fields, or
     bytes that are not UTF-8, is a DatasetLayoutError that names the file and line."""
     import pyarrow as pa
@@ -97,12 +125,13 @@ def read_tsv(tsv: Path):
 
     try:
         # No quoting: captions hold `"` as a plain character (pyarrow would start a quoted field at it).
-        table = csv.read_csv(
-            tsv, read_options=csv.ReadOptions(column_names=list(COLUMNS)),
-            parse_options=csv.ParseOptions(delimiter="\t", quote_char=False, escape_char=False,
-                                           invalid_row_handler=invalid),
-            convert_options=csv.ConvertOptions(column_types={column: pa.string() for column in COLUMNS},
-                                               strings_can_be_null=False, quoted_strings_can_be_null=False))
+        with tsv.open("rb") as raw:
+            table = csv.read_csv(
+                raw, read_options=csv.ReadOptions(column_names=list(COLUMNS)),
+                parse_options=csv.ParseOptions(delimiter="\t", quote_char=False, escape_char=False,
+                                               invalid_row_handler=invalid),
+                convert_options=csv.ConvertOptions(column_types={column: pa.string() for column in COLUMNS},
+                                                   strings_can_be_null=False, quoted_strings_can_be_null=False))
     except (pa.ArrowInvalid, OSError) as error:
         raise DatasetLayoutError(f"{tsv}: cannot read it as caption<TAB>url lines ({error})") from error
     if bad:
@@ -112,10 +141,10 @@ def read_tsv(tsv: Path):
     return table
 
 
-def _bad_lines(tsv: Path) -> str:
+def _bad_lines(tsv: StoragePath) -> str:
     """Which lines lack two fields (found again line by line: pyarrow's reader does not always know the number)."""
     found, total = [], 0
-    with open(tsv, "rb") as lines:
+    with tsv.open("rb") as lines:
         for number, line in enumerate(lines, start=1):
             line = line.rstrip(b"\r\n")
             fields = line.count(b"\t") + 1
@@ -127,7 +156,7 @@ def _bad_lines(tsv: Path) -> str:
             "exactly two tab-separated fields on every line")
 
 
-def write_url_list(tsv: Path, parquet: Path, max_samples: int | None, *, reporter: Reporter = SILENT) -> int:
+def write_url_list(tsv: StoragePath, parquet: StoragePath, max_samples: int | None, *, reporter: Reporter = SILENT) -> int:
     """The first `max_samples` lines of `tsv` (all when None) as img2dataset's input; returns its rows.
 
     A parquet with named columns, not the TSV itself: img2dataset's tsv reader takes line 1 as the
@@ -150,53 +179,54 @@ def write_url_list(tsv: Path, parquet: Path, max_samples: int | None, *, reporte
     if max_samples is not None:
         table = table.slice(0, max_samples)
     table = table.replace_schema_metadata({**stamp, "tsv_rows": str(tsv_rows), "rows": str(table.num_rows)})
-    parquet.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(parquet) as temporary:
-        pq.write_table(table, temporary)
+    make_folder(parquet.parent)
+    with open_atomic(parquet) as handle:
+        pq.write_table(table, handle)
     return table.num_rows
 
 
-def _stamp(tsv: Path, max_samples: int | None) -> dict[str, str]:
+def _stamp(tsv: StoragePath, max_samples: int | None) -> dict[str, str]:
     info = tsv.stat()
     return {"tsv": tsv.name, "tsv_bytes": str(info.st_size), "tsv_mtime_ns": str(info.st_mtime_ns),
             "max_samples": "" if max_samples is None else str(max_samples)}
 
 
-def _url_list_metadata(parquet: Path) -> dict[str, str]:
+def _url_list_metadata(parquet: StoragePath) -> dict[str, str]:
     import pyarrow.parquet as pq
 
     try:
-        metadata = pq.read_schema(parquet).metadata or {}
+        with parquet.open("rb") as raw:
+            metadata = pq.read_schema(raw).metadata or {}
     except (OSError, ValueError):
         return {}
     return {key.decode(): value.decode() for key, value in metadata.items()}
 
 
-def tsv_rows(tsv: Path) -> int:
+def tsv_rows(tsv: StoragePath) -> int:
     """Lines of a TSV: from its URL list's record when that is current, else counted."""
     known = _url_list_metadata(url_list_path(tsv.parent / _split_of(tsv)))
     info = tsv.stat()
     if known.get("tsv_bytes") == str(info.st_size) and known.get("tsv_mtime_ns") == str(info.st_mtime_ns):
         return int(known["tsv_rows"])
     lines, last = 0, b"\n"
-    with open(tsv, "rb") as reader:
+    with tsv.open("rb") as reader:
         while chunk := reader.read(1 << 22):
             lines += chunk.count(b"\n")
             last = chunk[-1:]
     return lines + (last != b"\n")
 
 
-def _split_of(tsv: Path) -> str:
+def _split_of(tsv: StoragePath) -> str:
     return next(split for split, file in TSV_FILES.items() if file == tsv.name)
 
 
 @register_source("cc3m", shard=shard_cc3m, download=download_cc3m,
                  download_options=("processes", "threads", "image_size", "max_samples", "retry_failed", "retries",
-                                   "distributor"))
-def scan(root: Path, name: str = "cc3m") -> Scan:
+                                   "distributor"), remote_root=True)
+def scan(root: StoragePath, name: str = "cc3m") -> Scan:
     """The TSVs' line counts and what img2dataset made of them, per split (no samples are listed: the
     shards are img2dataset's own tars)."""
-    root = Path(root)
+    root = location(root)
     dataset_dir = root / name
     command = f"mm download {name} --root {root}"
     if not dataset_dir.is_dir():
