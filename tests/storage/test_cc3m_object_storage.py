@@ -20,6 +20,7 @@ from trimodal.pipeline.download.fetch import FetchPolicy
 from trimodal.pipeline.download.marker import read_marker
 from trimodal.pipeline.shard.writer import ShardOptions
 from trimodal.pipeline.sources import cc3m, scan_source
+from trimodal.pipeline.synthesize.babylm import write_babylm
 from trimodal.storage import location
 
 FAST = FetchPolicy(attempts_per_url=2, backoff_seconds=0.01, timeout_seconds=10)
@@ -131,3 +132,23 @@ def test_a_remote_root_is_refused_before_anything_is_written(bucket):
         download_dataset("mini", f"s3://{bucket}/data")
     with pytest.raises(StorageError, match="credentials do not go in a URL"):
         download_dataset("cc3m", f"s3://key:secret@{bucket}/data")
+
+
+def test_babylm_mm_shards_into_object_storage_as_on_disk(bucket, tmp_path):
+    """The source that writes its own shards (streamed, one open shard per split) writes them whole into a
+    bucket: the same bytes and index as on disk, and a rerun keeps what is finished."""
+    write_babylm(tmp_path / "data" / "babylm-mm", cc3m=300, localized_narratives=100)
+    options = ShardOptions(max_samples=100)
+    local = shard_dataset("babylm-mm", tmp_path / "data", tmp_path / "shards", options)
+    remote = shard_dataset("babylm-mm", tmp_path / "data", f"s3://{bucket}/shards", options)
+    assert remote["splits"] == local["splits"]
+    fs = fsspec.filesystem("s3")
+    for split in remote["splits"].values():
+        for shard in split["shards"]:
+            assert fs.cat_file(f"{bucket}/shards/{shard['name']}") == (tmp_path / "shards" / shard["name"]).read_bytes()
+    assert not [name for name in names(bucket, "shards") if name.endswith(".tmp")]
+    before = {path: fs.info(path)["LastModified"] for path in fs.find(f"{bucket}/shards") if path.endswith(".tar")}
+    again = shard_dataset("babylm-mm", tmp_path / "data", f"s3://{bucket}/shards", options)
+    assert again["splits"] == local["splits"]
+    fs.invalidate_cache()
+    assert {path: fs.info(path)["LastModified"] for path in before} == before  # nothing rewritten

@@ -9,14 +9,14 @@ with the same inputs and options reads the stream again but rewrites only shards
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from trimodal.atomic import write_json
-from trimodal.errors import ShardError
+from trimodal.errors import ShardError, StorageError
 from trimodal.pipeline.shard.writer import SIDECARS, ShardOptions, TarStream, read_sidecar, remove_stale
+from trimodal.storage import StoragePath, location, make_folder, open_atomic, prepare_folder
 
 
 @dataclass
@@ -36,7 +36,8 @@ class _Open:
     first_key: str | None = None
     last_key: str | None = None
     stream: TarStream | None = None  # None while passing over a shard a previous run finished
-    raw: object = None
+    raw: object = None  # the shard's file, written through `open_atomic` (held open by `held`)
+    held: ExitStack | None = None
     recorded: dict | None = None
 
 
@@ -50,10 +51,10 @@ class StreamResult:
 class StreamShardWriter:
     """Write the samples of `stream` into `out`, one open shard per split; `close()` returns the result."""
 
-    def __init__(self, out: Path, options: ShardOptions, fingerprint: str):
-        self.out, self.options, self.fingerprint = Path(out), options, fingerprint
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / SIDECARS).mkdir(exist_ok=True)
+    def __init__(self, out: StoragePath, options: ShardOptions, fingerprint: str):
+        self.out, self.options, self.fingerprint = location(out), options, fingerprint
+        prepare_folder(self.out)
+        make_folder(self.out / SIDECARS)
         self._open: dict[str, _Open] = {}
         self._numbers: dict[str, int] = {}
         self.result = StreamResult()
@@ -65,11 +66,11 @@ class StreamShardWriter:
                 advance(1)
             for split in list(self._open):
                 self._finish(split)
-        finally:
-            for shard in self._open.values():  # an error mid-shard: drop its temporary file
-                if shard.raw is not None:
-                    shard.raw.close()
-                    (self.out / (shard.name + ".tmp")).unlink(missing_ok=True)
+        except BaseException as error:
+            for shard in self._open.values():  # an error mid-shard: nothing appears under its name
+                if shard.held is not None:
+                    shard.held.__exit__(type(error), error, error.__traceback__)
+            raise
         remove_stale(self.out, {s["name"] for split in self.result.splits.values() for s in split["shards"]})
         return self.result
 
@@ -103,10 +104,12 @@ class StreamShardWriter:
         if record is not None and record.get("fingerprint") == self.fingerprint:
             shard.recorded = record
         else:
+            shard.held = ExitStack()
             try:
-                shard.raw = open(self.out / (name + ".tmp"), "wb")
-            except OSError as error:
-                raise ShardError(f"cannot write {self.out / name}: {error.strerror or error}") from error
+                shard.raw = shard.held.enter_context(open_atomic(self.out / name))
+            except (OSError, StorageError) as error:
+                raise ShardError(f"cannot write {self.out / name}: {getattr(error, 'strerror', None) or error}") \
+                    from error
             shard.stream = TarStream(shard.raw)
         self._open[split] = shard
         return shard
@@ -119,11 +122,9 @@ class StreamShardWriter:
         else:
             try:
                 shard.stream.close()
-                shard.raw.close()
-                shard.raw = None
-                os.replace(self.out / (shard.name + ".tmp"), self.out / shard.name)
-            except OSError as error:
-                (self.out / (shard.name + ".tmp")).unlink(missing_ok=True)
+                held, shard.held = shard.held, None
+                held.close()  # the shard appears under its name, whole
+            except (OSError, StorageError) as error:
                 raise ShardError(f"cannot write {self.out / shard.name}: {error.strerror or error}; the shards "
                                  "already finished are kept, run the same command again to continue") from error
             entry = {"name": shard.name, "samples": shard.samples, "captions": shard.captions, "utterances": 0,

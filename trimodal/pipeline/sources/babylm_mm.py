@@ -30,6 +30,7 @@ from trimodal.pipeline.base.scan import Scan
 from trimodal.pipeline.sources import register_source
 from trimodal.pipeline.shard.stream_writer import StreamedSample, StreamShardWriter
 from trimodal.progress import SILENT, Reporter
+from trimodal.storage import StoragePath, location, make_folder, prepare_folder
 
 DINO_WIDTH = 768
 EXTRACTOR = "dinov2-base (BabyLM)"
@@ -145,7 +146,7 @@ def shard_babylm(root: Path, name: str, out: Path, options: ShardOptions, *, rep
         raise ConfigError(f"--val-fraction {val_fraction} and --test-fraction {test_fraction} must be fractions "
                           "that leave some rows for training")
     dataset_dir = _dataset_dir(root, name)
-    out = Path(out)
+    out = location(out)
     parts = present_parts(dataset_dir)
     files = {part.name: [read_header(dataset_dir / file, DINO_WIDTH) for file in _features(dataset_dir, part)]
              for part in parts}
@@ -155,9 +156,9 @@ def shard_babylm(root: Path, name: str, out: Path, options: ShardOptions, *, rep
         if feature_rows != rows[part.name]:
             raise ShardError(f"{dataset_dir / part.captions} has {rows[part.name]:,} captions but "
                              f"{' + '.join(part.features)} hold {feature_rows:,} rows; row i must be caption i")
+    prepare_folder(out)
     (out / INDEX).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / SIDECARS).mkdir(exist_ok=True)
+    make_folder(out / SIDECARS)
     digests = _digests(out, [header.path for part in parts for header in files[part.name]], reporter)
     rule = {"seed": options.seed, "val_fraction": val_fraction, "test_fraction": test_fraction,
             "generator": "numpy default_rng([seed, part number]).random() per row, in row order: "
@@ -246,7 +247,7 @@ def _samples(dataset_dir: Path, parts: list[Part], rule: dict, skipped: list[dic
                                               (f"{key}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))])
 
 
-def _digests(out: Path, paths: list[Path], reporter: Reporter) -> dict[str, str]:
+def _digests(out: StoragePath, paths: list[Path], reporter: Reporter) -> dict[str, str]:
     """sha256 of each features file, cached by (size, mtime) in OUT/.shards/digests.json (GBs each)."""
     from trimodal.pipeline.download.fetch import hash_file
 
