@@ -212,3 +212,16 @@ def test_memory_urls_work_as_folders_do(mini_root, mini_shards, mm):
         assert FeatureStore.open(f"{base}/features.zarr").complete("test")
     finally:
         fs.rm(base.removeprefix("memory://"), recursive=True)
+
+
+def test_two_ranks_featurize_into_s3_the_store_one_process_writes(bucket, mini_shards, mini_features):
+    """Under torchrun (2 gloo ranks) each rank's parts are objects beside the store, merged by rank 0: the
+    same store as one process on local disk, and no part left behind."""
+    from tests.launch import mm_torchrun, succeeded
+
+    store = f"s3://{bucket}/features/mini.zarr"
+    succeeded(mm_torchrun("featurize", mini_shards, "--out", store, "--device", "cpu"))  # the environment's S3
+    assert_same_store(mini_features, store)
+    fs = fsspec.filesystem("s3")
+    fs.invalidate_cache()
+    assert not [path for path in fs.find(f"{bucket}/features") if ".parts" in path or path.endswith(".tmp")]
