@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from trimodal import __version__
-from trimodal.cli import caption, datasets, demo, download, evaluate, featurize, info, shard, train, validate
+from trimodal.cli import caption, datasets, demo, download, evaluate, featurize, info, search, shard, train, validate
 from trimodal.cli.console import console, err_console
 from trimodal.errors import TrimodalError
 from trimodal.signals import Stopped, raise_on_stop_signals
@@ -48,6 +48,8 @@ app.command("featurize")(featurize.featurize)
 app.command("train", context_settings={"allow_extra_args": False})(train.train)
 app.command("eval")(evaluate.evaluate)
 app.command("caption")(caption.caption)
+app.command("index")(search.index)
+app.command("search")(search.search)
 app.command("info")(info.info)
 app.command("demo")(demo.demo)
 

@@ -1,0 +1,137 @@
+"""`mm index` and `mm search` on a run trained on the mini dataset (random-init towers): a raw query made of an
+indexed item's own bytes (its caption, its jpg, its wav) lands on that item with cosine 1, which holds only if
+the query went through exactly the featurizer and encoder the index did."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from trimodal.pipeline.read.shards import iter_samples
+from trimodal.search.index import IndexOptions, build_index
+from trimodal.search.searcher import QueryEncoder, SearchIndex, search
+
+
+@pytest.fixture(scope="module")
+def run(mini_shards, mini_features, tmp_path_factory):
+    from trimodal.cli.main import main
+
+    out = tmp_path_factory.mktemp("search") / "run"
+    assert main(["train", "configs/mmn-tiny.toml", "--shards", str(mini_shards), "--features", str(mini_features),
+                 "--out", str(out), "train.epochs=1", "train.num_workers=0", 'train.device="cpu"']) == 0
+    assert main(["eval", str(out), "--split", "test", "--device", "cpu"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def index(run):
+    manifest = build_index(str(run), None, IndexOptions(split="test", device="cpu"))
+    return run / "index-test", manifest
+
+
+@pytest.fixture(scope="module")
+def searcher(index):
+    found = SearchIndex(index[0])
+    return found, QueryEncoder(found.manifest, "cpu")
+
+
+def first_sample(shards, index_json_split="test"):
+    entry = json.loads((shards / "index.json").read_text())["splits"][index_json_split]["shards"][0]
+    key, members = next(iter_samples(shards / entry["name"], {"txt", "jpg", "wav"}))
+    return key, members
+
+
+def test_the_index_holds_every_row_of_the_split_and_the_runs_recalls(index, run):
+    folder, manifest = index
+    test = json.loads((run / "eval-test.json").read_text())
+    assert manifest["images"] == test["images"]
+    assert {m: info["rows"] for m, info in manifest["modalities"].items()} == \
+        {"image": test["images"], "text": test["captions"], "audio": test["utterances"]}
+    assert manifest["recalls"]["mean_recall"] == test["mean_recall"]
+    assert all(info["kind"].startswith("exact") for info in manifest["modalities"].values())
+    assert {path.name for path in folder.iterdir()} == {"search.json", "items.json", "image.faiss", "text.faiss",
+                                                        "audio.faiss"}
+
+
+def test_a_rerun_is_a_no_op(index, run):
+    again = build_index(str(run), None, IndexOptions(split="test", device="cpu"))
+    assert again["already_complete"] and again["fingerprint"] == index[1]["fingerprint"]
+
+
+def test_an_items_own_caption_image_and_speech_find_it_with_cosine_one(searcher, mini_shards):
+    found, encoder = searcher
+    key, members = first_sample(mini_shards)
+    caption = members["txt"].decode().splitlines()[0]
+    (hit,) = search(found, encoder, "text", caption, modality="text", k=1)
+    assert hit.caption == caption and hit.score == pytest.approx(1.0, abs=1e-4)
+    (hit,) = search(found, encoder, "image", members["jpg"], modality="image", k=1)
+    assert hit.key == key and hit.score == pytest.approx(1.0, abs=1e-4)
+    wav = next(suffix for suffix in members if suffix.endswith("wav"))
+    (hit,) = search(found, encoder, "audio", members[wav], modality="audio", k=1)
+    assert hit.key == key and hit.score == pytest.approx(1.0, abs=1e-4)
+    assert f"{key}.{wav}" in [u["member"] for u in hit.utterances]
+
+
+def test_cross_modal_results_rank_as_the_index_scores_them(searcher):
+    found, encoder = searcher
+    results = search(found, encoder, "text", "a red circle", k=10)
+    assert [r.rank for r in results] == list(range(1, 11)) and all(r.modality == "image" for r in results)
+    scores = [r.score for r in results]
+    assert scores == sorted(scores, reverse=True)
+    vector = encoder.encode("text", "a red circle")
+    images = found.index("image").reconstruct_n(0, found.index("image").ntotal)
+    best = np.argsort(-(images @ vector), kind="stable")[:10]
+    assert [found.items["images"][row]["key"] for row in best] == [r.key for r in results]
+
+
+def test_an_approximate_index_states_its_recall(run, tmp_path):
+    manifest = build_index(str(run), str(tmp_path / "hnsw"), IndexOptions(split="test", approximate=True,
+                                                                          device="cpu"))
+    for info in manifest["modalities"].values():
+        assert info["kind"].startswith("HNSW") and 0.5 <= info["recall_at_10_vs_exact"] <= 1.0
+
+
+def test_cli_search_prints_a_table_and_json_lines(index, mm, mini_shards, tmp_path):
+    folder = index[0]
+    table = mm("search", folder, "--text", "a blue square", "-k", "3", "--device", "cpu")
+    assert table.exit_code == 0, table.output
+    assert "text query → image" in table.out and "rank" in table.out
+    lines = mm("search", folder, "--text", "a blue square", "--in", "audio", "-k", "4", "--json", "--device", "cpu")
+    assert lines.exit_code == 0, lines.output
+    results = [json.loads(line) for line in lines.out.splitlines()]
+    assert [r["rank"] for r in results] == [1, 2, 3, 4] and {r["in"] for r in results} == {"audio"}
+    _, members = first_sample(mini_shards)
+    (tmp_path / "query.jpg").write_bytes(members["jpg"])
+    by_image = mm("search", folder, "--image", tmp_path / "query.jpg", "--json", "-k", "2", "--device", "cpu")
+    assert by_image.exit_code == 0 and all(json.loads(l)["in"] == "text" for l in by_image.out.splitlines())
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "exactly one query"),
+    (["--text", "x", "--audio", "a.wav"], "exactly one query"),
+    (["--text", "x", "-k", "0"], "k must be between 1 and 1000"),
+    (["--text", "   "], "the text query is empty"),
+    (["--text", "x", "--in", "video"], "--in must be image, text or audio"),
+    (["--image", "missing.jpg"], "cannot read the --image query"),
+])
+def test_cli_search_refuses_bad_queries_in_one_line(index, mm, args, message):
+    result = mm("search", index[0], *args, "--device", "cpu")
+    assert result.exit_code == 1 and message in result.err and "Traceback" not in result.output, result.output
+
+
+def test_files_that_are_not_an_image_or_audio_are_one_line(index, mm, tmp_path):
+    (tmp_path / "not.jpg").write_bytes(b"this is text")
+    for flag in ("--image", "--audio"):
+        result = mm("search", index[0], flag, tmp_path / "not.jpg", "--device", "cpu")
+        assert result.exit_code == 1 and "cannot decode" in result.err and "Traceback" not in result.output
+
+
+def test_an_unfinished_index_is_refused(index, mm, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(index[0], copy)
+    (copy / "search.json").unlink()
+    result = mm("search", copy, "--text", "x")
+    assert result.exit_code == 1 and "not a finished search index" in result.err
