@@ -10,38 +10,9 @@ import shutil
 import numpy as np
 import pytest
 
-from trimodal.pipeline.read.shards import iter_samples
+from tests.search.conftest import first_sample
 from trimodal.search.index import IndexOptions, build_index
-from trimodal.search.searcher import QueryEncoder, SearchIndex, search
-
-
-@pytest.fixture(scope="module")
-def run(mini_shards, mini_features, tmp_path_factory):
-    from trimodal.cli.main import main
-
-    out = tmp_path_factory.mktemp("search") / "run"
-    assert main(["train", "configs/mmn-tiny.toml", "--shards", str(mini_shards), "--features", str(mini_features),
-                 "--out", str(out), "train.epochs=1", "train.num_workers=0", 'train.device="cpu"']) == 0
-    assert main(["eval", str(out), "--split", "test", "--device", "cpu"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def index(run):
-    manifest = build_index(str(run), None, IndexOptions(split="test", device="cpu"))
-    return run / "index-test", manifest
-
-
-@pytest.fixture(scope="module")
-def searcher(index):
-    found = SearchIndex(index[0])
-    return found, QueryEncoder(found.manifest, "cpu")
-
-
-def first_sample(shards, index_json_split="test"):
-    entry = json.loads((shards / "index.json").read_text())["splits"][index_json_split]["shards"][0]
-    key, members = next(iter_samples(shards / entry["name"], {"txt", "jpg", "wav"}))
-    return key, members
+from trimodal.search.searcher import search
 
 
 def test_the_index_holds_every_row_of_the_split_and_the_runs_recalls(index, run):

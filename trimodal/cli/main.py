@@ -50,6 +50,7 @@ app.command("eval")(evaluate.evaluate)
 app.command("caption")(caption.caption)
 app.command("index")(search.index)
 app.command("search")(search.search)
+app.command("serve")(search.serve)
 app.command("info")(info.info)
 app.command("demo")(demo.demo)
 

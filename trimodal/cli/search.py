@@ -60,6 +60,8 @@ def search(
                                              "for text and audio queries, captions for image queries).")] = None,
     k: Annotated[int, typer.Option("-k", "--k", help="Results to show.")] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per result instead of a table.")] = False,
+    caption: Annotated[bool, typer.Option("--caption", help="With --image, for a captioning run (bitmar): also "
+                                          "the run's generated caption of the image.")] = False,
     device: Device = "auto",
 ) -> None:
     """Search a run's space with a text, image or audio query, in any modality.
@@ -83,8 +85,13 @@ def search(
             raise TrimodalError(f"cannot read the --{kind} query {given[0][1]}: {error.strerror or error}") from error
     found = SearchIndex(index_path)
     encoder = QueryEncoder(found.manifest, device)
+    if caption and kind != "image":
+        raise ConfigError("--caption goes with an --image query")
     results = run_search(found, encoder, kind, value, modality=into, k=k)
+    generated = encoder.caption(value) if caption else None
     if as_json:
+        if generated is not None:
+            print(json.dumps({"generated_caption": generated}, ensure_ascii=False))
         for result in results:
             print(json.dumps(result.to_dict(), ensure_ascii=False))
         return
@@ -95,3 +102,35 @@ def search(
     for result in results:
         table.add_row(str(result.rank), f"{result.score:.4f}", escape(result.key), escape(result.caption))
     console.print(table)
+    if generated is not None:
+        say(f"generated caption: {generated}")
+
+
+def serve(
+    index_path: Annotated[str, typer.Argument(metavar="INDEX", help="A folder written by `mm index`.")],
+    host: Annotated[str, typer.Option("--host", help="Address to listen on. 127.0.0.1 (the default) is this "
+                                      "machine only; 0.0.0.0 exposes the page to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to listen on.")] = 8000,
+    max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.01, help="Largest image or audio upload "
+                                                 "accepted (MB).")] = 10.0,
+    device: Device = "auto",
+) -> None:
+    """A search page (text, image, speech: typed, uploaded or recorded) and its JSON API over an index.
+
+    Example: mm serve runs/mmn/index-test --port 8000   (then open http://127.0.0.1:8000)
+    """
+    import uvicorn
+
+    from trimodal.search.searcher import QueryEncoder, SearchIndex
+    from trimodal.search.server import create_app
+
+    found = SearchIndex(index_path)
+    encoder = QueryEncoder(found.manifest, device)
+    app = create_app(found, encoder, max_upload_bytes=int(max_upload_mb * 1024 * 1024))
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        from trimodal.cli.console import warn
+
+        warn(f"--host {host}: anyone who can reach this machine on port {port} can search the index and read its "
+             "images and recordings; there is no login")
+    say(f"serving {index_path} on http://{host}:{port}  (Ctrl-C stops)")
+    uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -190,19 +190,21 @@ def _serialise(index) -> bytes:
 def _items(sources, split: str, data, reporter: Reporter) -> dict:
     """Per image: key, shard, captions and spoken captions; per caption and utterance row: (image row, number).
     Read from the tars (captions as written, wav member names) in the order `load_split` gives the rows."""
-    from trimodal.pipeline.read.shards import iter_samples
+    from trimodal.pipeline.read.shards import IMAGE_SUFFIXES, iter_extents
 
     images, text, audio = [], [], []
     entries = sources.shard_entries(split)
     with reporter.task(f"read captions of {split}", total=len(entries), unit="shards") as task:
         for entry in entries:
-            for key, members in iter_samples(sources.shards / entry["name"], {"txt", "wav"}):
+            for key, extents, members in iter_extents(sources.shards / entry["name"], {"txt"}):
                 captions = members.get("txt", b"").decode("utf-8").splitlines()
-                spoken = sorted((int(s.split(".")[0]), s) for s in members
+                spoken = sorted((int(s.split(".")[0]), s) for s in extents
                                 if s.endswith((".wav", ".flac")) and s.split(".")[0].isdigit())
+                image = next((s for s in IMAGE_SUFFIXES if s in extents), None)
                 row = len(images)
                 images.append({"key": key, "shard": entry["name"], "captions": captions,
-                               "utterances": [{"member": f"{key}.{suffix}", "caption": number}
+                               "image": None if image is None else _member(key, image, extents[image]),
+                               "utterances": [{**_member(key, suffix, extents[suffix]), "caption": number}
                                               for number, suffix in spoken]})
                 text += [[row, n] for n in range(len(captions))]
                 audio += [[row, n] for n in range(len(spoken))]
@@ -215,6 +217,11 @@ def _items(sources, split: str, data, reporter: Reporter) -> dict:
                             f"({', '.join(f'{n}: {a} in the shards, {b} in the store' for n, (a, b) in wrong.items())}"
                             "); featurize them again")
     return {"images": images, "text": text, "audio": audio}
+
+
+def _member(key: str, suffix: str, extent) -> dict:
+    """A member of a shard: its name and where its bytes lie (served without reading the rest of the tar)."""
+    return {"member": f"{key}.{suffix}", "offset": extent.offset, "size": extent.size}
 
 
 def _recalls(run: StoragePath, split: str) -> dict | None:

@@ -50,6 +50,8 @@ class SearchIndex:
                 raise TrimodalError(f"{manifest_path} is format {self.manifest.get('format')!r}, not {FORMAT}")
             self.items = json.loads((self.path / ITEMS).read_text(encoding="utf-8"))
         self._indexes: dict = {}
+        self._rows = {image["key"]: row for row, image in enumerate(self.items["images"])}
+        self.shards = location(self.manifest["shards"])
 
     @property
     def modalities(self) -> list[str]:
@@ -62,6 +64,19 @@ class SearchIndex:
             with storage_errors(f"reading {index_file(self.path, modality)}"):
                 self._indexes[modality] = read_index_bytes(index_file(self.path, modality).read_bytes())
         return self._indexes[modality]
+
+    def media(self, key: str, kind: str, number: int = 0) -> tuple[bytes, str]:
+        """(bytes, member name) of the image of `key` (`kind` "image") or its spoken caption `number`
+        ("audio"), read from the shards; a key the index does not hold is a KeyError (nothing else is read)."""
+        from trimodal.pipeline.read.shards import Extent, read_member
+
+        image = self.items["images"][self._rows[key]]
+        if kind == "audio" and not 0 <= number < len(image["utterances"]):
+            raise KeyError(f"{key}/{number}")
+        member = image["image"] if kind == "image" else image["utterances"][number]
+        if member is None:
+            raise KeyError(key)
+        return read_member(self.shards / image["shard"], Extent(member["offset"], member["size"])), member["member"]
 
     def search(self, vector: np.ndarray, modality: str, k: int = 10) -> list[Result]:
         """The `k` nearest rows of `modality` to the unit-length `vector` (D,), best first."""
@@ -102,11 +117,27 @@ class QueryEncoder:
 
         folder = RunFolder(manifest["run"])
         folder.fetch(["config.resolved.toml", f"{CHECKPOINTS}/{manifest['checkpoint']}.safetensors"])
-        self.model, _, self.device = load_run(folder.local, manifest["checkpoint"], device)
+        self.model, self.resolved, self.device = load_run(folder.local, manifest["checkpoint"], device)
         inputs = manifest["inputs"]
         self.featurizer = QueryFeaturizer(manifest["store_config"], self.device, image_input=inputs["image"],
                                           text_input=inputs.get("text", "ids"), text_spec=manifest.get("text_spec"))
         self.max_frames = int(manifest["max_audio_frames"])
+
+    @property
+    def captions(self) -> bool:
+        """Whether the run generates captions (`caption` works)."""
+        return bool(self.model.generates_captions)
+
+    def caption(self, image: bytes, beams: int = 3) -> str:
+        """The run's generated caption of an image file's bytes (a captioning family: bitmar)."""
+        from trimodal.training.captions import generate_captions
+
+        if not self.captions:
+            raise ConfigError(f"model family {self.resolved['model']['name']!r} does not generate captions")
+        vector = self.featurizer.image_query(image).image
+        (caption,), _ = generate_captions(self.model, vector[None], self.featurizer.tokenizer, self.device,
+                                          beams=beams, episode_size=int(self.resolved["train"]["batch_size"]))
+        return caption
 
     def encode(self, kind: str, query: str | bytes) -> np.ndarray:
         """(D,) float32: `query` (a caption, or image or audio file bytes) encoded as its modality's rows were."""

@@ -45,6 +45,47 @@ def iter_samples(path: Path, suffixes: set[str] | None = None) -> Iterator[tuple
         yield key, members
 
 
+@dataclass(frozen=True)
+class Extent:
+    """Where a member's bytes lie in its tar: `read_member` fetches them alone (a range read in object storage)."""
+
+    offset: int
+    size: int
+
+
+def iter_extents(path: Path, read: set[str] = frozenset()) -> Iterator[tuple[str, dict[str, Extent], dict[str, bytes]]]:
+    """(key, {suffix: Extent} of every member, {suffix: bytes} of the members in `read`) for each sample."""
+    key, extents, members = None, {}, {}
+    try:
+        with _open_tar(path) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                member_key, _, suffix = member.name.rsplit("/", 1)[-1].partition(".")
+                if member_key != key:
+                    if key is not None:
+                        yield key, extents, members
+                    key, extents, members = member_key, {}, {}
+                extents[suffix] = Extent(member.offset_data, member.size)
+                if suffix in read:
+                    members[suffix] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError) as error:
+        raise ShardError(f"cannot read shard {path}: {error}") from error
+    if key is not None:
+        yield key, extents, members
+
+
+def read_member(path: Path, extent: Extent) -> bytes:
+    """One member's bytes, read alone from its tar (local or in object storage)."""
+    path = location(path)
+    with storage_errors(f"reading shard {path}"), path.open("rb") as handle:
+        handle.seek(extent.offset)
+        data = handle.read(extent.size)
+    if len(data) != extent.size:
+        raise ShardError(f"{path} is shorter than its index says (a member at byte {extent.offset} is cut off)")
+    return data
+
+
 # Object storage is read in order, `READ_AHEAD` bytes at a time: a bounded read-ahead, not a copy.
 READ_AHEAD = 8 << 20
 
