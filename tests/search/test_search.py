@@ -106,3 +106,20 @@ def test_an_unfinished_index_is_refused(index, mm, tmp_path):
     (copy / "search.json").unlink()
     result = mm("search", copy, "--text", "x")
     assert result.exit_code == 1 and "not a finished search index" in result.err
+
+
+def test_the_search_benchmark_prints_its_latencies_and_ratios(index):
+    """benchmarks/search.py still runs to its result, at a tiny size (a smoke test, not a timing)."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repository = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "benchmarks/search.py", "--index", str(index[0]), "--items", "500",
+                             "--queries", "3", "--hnsw-sizes", "300"], cwd=repository, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for kind in ("text", "image", "audio"):
+        assert re.search(rf"^search {kind}: p95 [\d.]+ ms end to end; faiss / numpy = [\d.]+", result.stdout, re.M)
+    assert re.search(r"^hnsw 300: recall@10 [\d.]+, search p50", result.stdout, re.M)
