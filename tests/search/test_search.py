@@ -123,3 +123,33 @@ def test_the_search_benchmark_prints_its_latencies_and_ratios(index):
     for kind in ("text", "image", "audio"):
         assert re.search(rf"^search {kind}: p95 [\d.]+ ms end to end; faiss / numpy = [\d.]+", result.stdout, re.M)
     assert re.search(r"^hnsw 300: recall@10 [\d.]+, search p50", result.stdout, re.M)
+
+
+def test_a_captioning_run_indexes_without_speech_and_captions_an_image_query(mini_shards, mini_features, tmp_path, mm):
+    """bitmar (image and text only, a captioner): `mm search --image --caption` and the API's generated caption."""
+    from fastapi.testclient import TestClient
+
+    from tests.training.test_bitmar import SMALL
+    from trimodal.search.searcher import QueryEncoder, SearchIndex
+    from trimodal.search.server import create_app
+    from trimodal.training.config import shipped_config
+    from trimodal.training.trainer import train
+
+    run = tmp_path / "bitmar"
+    train(shipped_config("bitmar-tiny"), mini_shards, mini_features, run, overrides=SMALL + ["train.epochs=1"])
+    indexed = mm("index", run, "--split", "test", "--device", "cpu")
+    assert indexed.exit_code == 0, indexed.output
+    assert json.loads((run / "index-test" / "search.json").read_text())["modalities"].keys() == {"image", "text"}
+    _, members = first_sample(mini_shards)
+    (tmp_path / "q.jpg").write_bytes(members["jpg"])
+    lines = mm("search", run / "index-test", "--image", tmp_path / "q.jpg", "--caption", "--json", "-k", "2",
+               "--device", "cpu")
+    assert lines.exit_code == 0, lines.output
+    first = json.loads(lines.out.splitlines()[0])
+    assert isinstance(first["generated_caption"], str) and len(lines.out.splitlines()) == 3
+    speech = mm("search", run / "index-test", "--text", "x", "--in", "audio", "--device", "cpu")
+    assert speech.exit_code == 1 and "indexes image, text" in speech.err
+    found = SearchIndex(run / "index-test")
+    client = TestClient(create_app(found, QueryEncoder(found.manifest, "cpu")))
+    answer = client.post("/api/search", files={"image": ("q.jpg", members["jpg"], "image/jpeg")}).json()
+    assert answer["generated_caption"] == first["generated_caption"] and answer["in"] == "text"
