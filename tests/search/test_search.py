@@ -153,3 +153,14 @@ def test_a_captioning_run_indexes_without_speech_and_captions_an_image_query(min
     client = TestClient(create_app(found, QueryEncoder(found.manifest, "cpu")))
     answer = client.post("/api/search", files={"image": ("q.jpg", members["jpg"], "image/jpeg")}).json()
     assert answer["generated_caption"] == first["generated_caption"] and answer["in"] == "text"
+
+
+def test_past_the_size_threshold_a_modality_gets_the_approximate_index(run, tmp_path, monkeypatch):
+    from trimodal.search import index as index_module
+
+    monkeypatch.setattr(index_module, "APPROXIMATE_FROM", 100)  # the test split: 60 images, 300 captions
+    manifest = build_index(str(run), str(tmp_path / "auto"), IndexOptions(split="test", device="cpu"))
+    kinds = {modality: info["kind"].split()[0] for modality, info in manifest["modalities"].items()}
+    assert kinds == {"image": "exact", "text": "HNSW", "audio": "HNSW"}
+    exact = build_index(str(run), str(tmp_path / "exact"), IndexOptions(split="test", approximate=False, device="cpu"))
+    assert all(info["kind"].startswith("exact") for info in exact["modalities"].values())

@@ -18,9 +18,9 @@ def index(
     split: Annotated[str, typer.Option("--split", help="Split whose images, captions and utterances to index.")] = "test",
     out: Annotated[str | None, typer.Option("--out", help="Index folder (default: RUN/index-SPLIT).")] = None,
     checkpoint: Annotated[str, typer.Option("--checkpoint", help="best or last.")] = "best",
-    approximate: Annotated[bool, typer.Option("--approximate", help=(
-        "HNSW instead of exact inner product; its recall@10 against the exact index is measured and "
-        "recorded."))] = False,
+    approximate: Annotated[bool | None, typer.Option("--approximate/--exact", help=(
+        "HNSW, or exact inner product (default: exact up to 250,000 rows per modality, HNSW past it); HNSW's "
+        "recall@10 against the exact index is measured and recorded."), show_default=False)] = None,
     shards: Annotated[str | None, typer.Option("--shards", help="Shards (default: the run's).")] = None,
     features: Annotated[str | None, typer.Option("--features", help="Feature store (default: the run's).")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Rows encoded at once "

@@ -3,8 +3,8 @@
 Every image, caption and utterance of the split is encoded by the run's encoders from the feature store
 (nothing the store holds is computed again), exactly as `mm eval` encodes them, and each modality gets
 its own index of the unit-length latents: exact inner product (`IndexFlatIP`, the ranking `mm eval`
-scores) by default, or HNSW (`--approximate`), whose recall@10 against the exact index is measured
-on the split's own cross-modal queries and recorded. OUT holds:
+scores) up to `APPROXIMATE_FROM` rows, HNSW past it (or as `--exact` / `--approximate` say), whose
+recall@10 against the exact index is measured on the split's own cross-modal queries and recorded. OUT holds:
 
     search.json              what the index is (run, checkpoint, split, shards, store, featurizer record,
                              the model's inputs, counts, index kinds, the run's recalls); written last
@@ -40,6 +40,9 @@ HNSW_NEIGHBOURS = 32  # faiss's M: links per node
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128
 RECALL_QUERIES = 1000  # cross-modal queries the approximate index's recall@10 is measured on
+# Past this many rows a modality gets HNSW by default: one exact query over 100k 128-d rows takes ~9 ms on
+# 2 CPU cores and over 1M ~120 ms (benchmarks/search.py, docs/benchmarks.md), past the 50 ms a query may take.
+APPROXIMATE_FROM = 250_000
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,7 @@ class IndexOptions:
     checkpoint: str = "best"
     shards: str | None = None  # default: the run's
     features: str | None = None  # default: the run's
-    approximate: bool = False  # HNSW instead of exact inner product
+    approximate: bool | None = None  # HNSW (True), exact (False), or by size (None: APPROXIMATE_FROM)
     device: str = "auto"
     batch_size: int | None = None  # default: the run's eval_batch_size
 
@@ -120,7 +123,8 @@ def build_index(run: str, out: str | None = None, options: IndexOptions = IndexO
     # The approximate index's recall is measured with real queries: another modality's latents.
     for modality, vectors in summary.items():
         queries = next((summary[m] for m in MODALITIES if m != modality and m in summary), vectors)
-        index, record = _make_index(vectors, options.approximate, queries)
+        approximate = options.approximate if options.approximate is not None else len(vectors) >= APPROXIMATE_FROM
+        index, record = _make_index(vectors, approximate, queries)
         with storage_errors(f"writing {index_file(out, modality)}"):
             write_bytes(index_file(out, modality), _serialise(index))
         done.add(modality)
