@@ -13,7 +13,8 @@ images: the padding gives the search the size of a real one; random vectors are 
 whose recall is higher on clustered latents).
 
 Per query kind it times, for each query: the encoding (featurize + encoder), the exact FAISS search
-(IndexFlatIP, the default of `mm index`) and the numpy baseline (`vectors @ q`, then argpartition for the
+(IndexFlatIP, the default of `mm index`, on `SEARCH_THREADS` threads as `mm search` runs it) and, in a
+loop of its own over the same query vectors, the numpy baseline (`vectors @ q`, then argpartition for the
 top k) over the same matrix, and checks that both return the same top-k scores (ties may come in either order). Prints a markdown table (p50 and
 p95 in ms) and per kind `search TEXT: p95 X ms end to end; faiss / numpy = R (search only)`. Then for each
 --hnsw-sizes size: HNSW build time, its p50 search, and recall@10 against the exact index on --queries
@@ -91,14 +92,16 @@ def main() -> None:
     import faiss
     import torch
 
-    from trimodal.search.searcher import DEFAULT_IN, QueryEncoder, SearchIndex
+    from trimodal.search.searcher import DEFAULT_IN, SEARCH_THREADS, QueryEncoder, SearchIndex
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    cores = faiss.omp_get_max_threads()
     index = SearchIndex(args.index or build(args.workdir))
     encoder = QueryEncoder(index.manifest, "cpu")
+    faiss.omp_set_num_threads(SEARCH_THREADS)  # as `SearchIndex` searches
     print(f"index: {index.path} ({index.manifest['family']}, {index.manifest['images']} images of "
           f"{index.manifest['split']}), padded to {args.items:,} rows per searched modality; faiss {faiss.__version__}, "
-          f"{faiss.omp_get_max_threads()} threads")
+          f"searching on {SEARCH_THREADS} thread(s) as mm search does")
     rows, summary = [], []
     matrices = {}
     for kind, values in queries(index, args.queries).items():
@@ -110,22 +113,26 @@ def main() -> None:
             matrices[modality] = (vectors, flat)
         vectors, flat = matrices[modality]
         encoder.encode(kind, values[0])  # warm
-        encode_ms, faiss_ms, numpy_ms, total_ms = [], [], [], []
-        for value in values:
+        encode_ms, faiss_ms, numpy_ms, total_ms, found = [], [], [], [], []
+        for value in values:  # as `mm search` answers: encode, then search
             started = time.perf_counter()
             vector = encoder.encode(kind, value)
             encoded = time.perf_counter()
             scores, _ = flat.search(vector.reshape(1, -1), args.k)
             searched = time.perf_counter()
-            baseline = numpy_top(vectors, vector, args.k)
-            done = time.perf_counter()
-            # Scores, not rows: equal vectors (a caption written twice) tie, and ties may come in either order.
-            if not np.allclose(scores[0], vectors[baseline] @ vector, atol=1e-5):
-                raise SystemExit(f"faiss and numpy disagree on the top {args.k} of a {kind} query")
             encode_ms.append(1e3 * (encoded - started))
             faiss_ms.append(1e3 * (searched - encoded))
-            numpy_ms.append(1e3 * (done - searched))
             total_ms.append(1e3 * (searched - started))
+            found.append((vector, scores[0]))
+        # The baseline in a loop of its own: numpy's BLAS threads spin after a product and would slow the next
+        # query's encoding if interleaved.
+        for vector, scores in found:
+            started = time.perf_counter()
+            baseline = numpy_top(vectors, vector, args.k)
+            numpy_ms.append(1e3 * (time.perf_counter() - started))
+            # Scores, not rows: equal vectors (a caption written twice) tie, and ties may come in either order.
+            if not np.allclose(scores, vectors[baseline] @ vector, atol=1e-5):
+                raise SystemExit(f"faiss and numpy disagree on the top {args.k} of a {kind} query")
         rows.append((kind, modality, len(values), encode_ms, faiss_ms, numpy_ms, total_ms))
         ratio = statistics.median(faiss_ms) / statistics.median(numpy_ms)
         summary.append(f"search {kind}: p95 {percentile(total_ms, 95):.1f} ms end to end; faiss / numpy = "
@@ -151,12 +158,14 @@ def main() -> None:
         sample /= np.linalg.norm(sample, axis=1, keepdims=True)
         flat = faiss.IndexFlatIP(vectors.shape[1])
         flat.add(vectors)
+        faiss.omp_set_num_threads(cores)  # built as `mm index` builds it, on every core
         started = time.perf_counter()
         hnsw = faiss.IndexHNSWFlat(vectors.shape[1], HNSW_NEIGHBOURS, faiss.METRIC_INNER_PRODUCT)
         hnsw.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
         hnsw.add(vectors)
         hnsw.hnsw.efSearch = HNSW_EF_SEARCH
         built = time.perf_counter() - started
+        faiss.omp_set_num_threads(SEARCH_THREADS)
         k = min(args.k, size)
         exact_ms, approx_ms, recalls = [], [], []
         for query in sample:

@@ -83,10 +83,14 @@ def search(
             value = value.read_bytes()
         except OSError as error:
             raise TrimodalError(f"cannot read the --{kind} query {given[0][1]}: {error.strerror or error}") from error
-    found = SearchIndex(index_path)
-    encoder = QueryEncoder(found.manifest, device)
     if caption and kind != "image":
         raise ConfigError("--caption goes with an --image query")
+    if kind == "text" and not value.strip():
+        raise ConfigError("the text query is empty")
+    found = SearchIndex(index_path)
+    if into is not None:
+        found.check_modality(into)  # before the model is loaded
+    encoder = QueryEncoder(found.manifest, device)
     results = run_search(found, encoder, kind, value, modality=into, k=k)
     generated = encoder.caption(value) if caption else None
     if as_json:

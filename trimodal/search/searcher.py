@@ -16,6 +16,10 @@ from trimodal.search.index import FORMAT, ITEMS, MANIFEST, MODALITIES, index_fil
 from trimodal.storage import StoragePath, location, storage_errors
 
 MAX_K = 1000
+# One query is searched on one thread: after the model's torch work, faiss's own OpenMP threads contend with
+# torch's for the cores, and an exact query over 100k 128-d rows took 17.8 ms p50 on 2 threads against
+# 4.8 ms on one (2 CPU cores; benchmarks/search.py, docs/benchmarks.md).
+SEARCH_THREADS = 1
 DEFAULT_IN = {"text": "image", "image": "text", "audio": "image"}  # what a query of each kind looks for
 
 
@@ -57,10 +61,19 @@ class SearchIndex:
     def modalities(self) -> list[str]:
         return [m for m in MODALITIES if m in self.manifest["modalities"]]
 
+    def check_modality(self, modality: str) -> None:
+        """A ConfigError unless this index has `modality`."""
+        if modality not in MODALITIES:
+            raise ConfigError(f"--in must be image, text or audio (got {modality!r})")
+        if modality not in self.manifest["modalities"]:
+            raise ConfigError(f"--in {modality}: {self.path} indexes {', '.join(self.modalities)}")
+
     def index(self, modality: str):
         if modality not in self._indexes:
-            if modality not in self.manifest["modalities"]:
-                raise ConfigError(f"--in {modality}: {self.path} indexes {', '.join(self.modalities)}")
+            self.check_modality(modality)
+            import faiss
+
+            faiss.omp_set_num_threads(SEARCH_THREADS)
             with storage_errors(f"reading {index_file(self.path, modality)}"):
                 self._indexes[modality] = read_index_bytes(index_file(self.path, modality).read_bytes())
         return self._indexes[modality]
@@ -164,8 +177,8 @@ def search(index: SearchIndex, encoder: QueryEncoder, kind: str, query: str | by
            k: int = 10) -> list[Result]:
     """One query of `kind` against `modality` (default: images for text and audio, captions for images)."""
     check_k(k)
+    if kind not in DEFAULT_IN:
+        raise ConfigError(f"a query is text, image or audio (got {kind!r})")
     modality = modality or DEFAULT_IN[kind]
-    if modality not in MODALITIES:
-        raise ConfigError(f"--in must be image, text or audio (got {modality!r})")
-    index.index(modality)  # a modality the index lacks is refused before the query is encoded
+    index.check_modality(modality)
     return index.search(encoder.encode(kind, query), modality, k)
