@@ -2,7 +2,7 @@
 and the approximate (HNSW) index's recall@10 against the exact one.
 
     python benchmarks/search.py [--items 100000] [--queries 200] [--k 10] [--hnsw-sizes 10000,100000]
-                                [--workdir /tmp/trimodal-bench-search] [--index INDEX]
+                                [--threads N] [--workdir /tmp/trimodal-bench-search] [--index INDEX]
 
 Without --index, prepares the mini data in the workdir (`mm download mini`, `mm shard mini`, `mm featurize
 --device cpu`), trains mmn-tiny for one epoch and runs `mm index RUN --split test`. The queries are real:
@@ -13,10 +13,9 @@ images: the padding gives the search the size of a real one; random vectors are 
 whose recall is higher on clustered latents).
 
 Per query kind it times, for each query: the encoding (featurize + encoder), the exact FAISS search
-(IndexFlatIP, the default of `mm index`, on `SEARCH_THREADS` threads as `mm search` runs it) and, in a
-loop of its own over the same query vectors, the numpy baseline (`vectors @ q`, then argpartition for the
-top k) over the same matrix, and checks that both return the same top-k scores (ties may come in either order). Prints a markdown table (p50 and
-p95 in ms) and per kind `search TEXT: p95 X ms end to end; faiss / numpy = R (search only)`. Then for each
+(IndexFlatIP, the default of `mm index`) and, in a loop of its own over the same query vectors, the numpy baseline (`vectors @ q`, then argpartition for the
+top k) over the same matrix, and checks that both return the same top-k scores (ties may come in either
+order). Prints a markdown table (p50 and p95 in ms) and per kind `search TEXT: p95 X ms end to end; faiss / numpy = R (search only)`. Then for each
 --hnsw-sizes size: HNSW build time, its p50 search, and recall@10 against the exact index on --queries
 random-vector queries, as `hnsw N: recall@10 R, search p50 X ms (exact Y ms)`.
 """
@@ -87,21 +86,21 @@ def main() -> None:
     parser.add_argument("--hnsw-sizes", default="10000,100000")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/trimodal-bench-search"))
     parser.add_argument("--index", type=Path, help="An index `mm index` wrote (default: build one on the mini data).")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch and faiss (default: torch's own).")
     args = parser.parse_args()
 
     import faiss
     import torch
 
-    from trimodal.search.searcher import DEFAULT_IN, SEARCH_THREADS, QueryEncoder, SearchIndex
+    from trimodal.search.searcher import DEFAULT_IN, QueryEncoder, SearchIndex
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    cores = faiss.omp_get_max_threads()
     index = SearchIndex(args.index or build(args.workdir))
+    if args.threads:
+        torch.set_num_threads(args.threads)  # torch and faiss share one OpenMP runtime: both
     encoder = QueryEncoder(index.manifest, "cpu")
-    faiss.omp_set_num_threads(SEARCH_THREADS)  # as `SearchIndex` searches
     print(f"index: {index.path} ({index.manifest['family']}, {index.manifest['images']} images of "
           f"{index.manifest['split']}), padded to {args.items:,} rows per searched modality; faiss {faiss.__version__}, "
-          f"searching on {SEARCH_THREADS} thread(s) as mm search does")
+          f"{faiss.omp_get_max_threads()} threads (torch {torch.get_num_threads()})")
     rows, summary = [], []
     matrices = {}
     for kind, values in queries(index, args.queries).items():
@@ -158,14 +157,12 @@ def main() -> None:
         sample /= np.linalg.norm(sample, axis=1, keepdims=True)
         flat = faiss.IndexFlatIP(vectors.shape[1])
         flat.add(vectors)
-        faiss.omp_set_num_threads(cores)  # built as `mm index` builds it, on every core
         started = time.perf_counter()
         hnsw = faiss.IndexHNSWFlat(vectors.shape[1], HNSW_NEIGHBOURS, faiss.METRIC_INNER_PRODUCT)
         hnsw.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
         hnsw.add(vectors)
         hnsw.hnsw.efSearch = HNSW_EF_SEARCH
         built = time.perf_counter() - started
-        faiss.omp_set_num_threads(SEARCH_THREADS)
         k = min(args.k, size)
         exact_ms, approx_ms, recalls = [], [], []
         for query in sample:

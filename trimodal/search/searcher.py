@@ -16,10 +16,6 @@ from trimodal.search.index import FORMAT, ITEMS, MANIFEST, MODALITIES, index_fil
 from trimodal.storage import StoragePath, location, storage_errors
 
 MAX_K = 1000
-# One query is searched on one thread: after the model's torch work, faiss's own OpenMP threads contend with
-# torch's for the cores, and an exact query over 100k 128-d rows took 17.8 ms p50 on 2 threads against
-# 4.8 ms on one (2 CPU cores; benchmarks/search.py, docs/benchmarks.md).
-SEARCH_THREADS = 1
 DEFAULT_IN = {"text": "image", "image": "text", "audio": "image"}  # what a query of each kind looks for
 
 
@@ -71,9 +67,8 @@ class SearchIndex:
     def index(self, modality: str):
         if modality not in self._indexes:
             self.check_modality(modality)
-            import faiss
-
-            faiss.omp_set_num_threads(SEARCH_THREADS)
+            # faiss keeps its threads: it shares torch's OpenMP runtime, so setting its thread count would
+            # set the model's too (docs/benchmarks.md).
             with storage_errors(f"reading {index_file(self.path, modality)}"):
                 self._indexes[modality] = read_index_bytes(index_file(self.path, modality).read_bytes())
         return self._indexes[modality]
