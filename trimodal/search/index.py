@@ -41,7 +41,7 @@ HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128
 RECALL_QUERIES = 1000  # cross-modal queries the approximate index's recall@10 is measured on
 # Past this many rows a modality gets HNSW by default: a text query end to end (encode + exact search of
-# 128-d rows) took p95 6.2 ms over 100k rows, 15.2 ms over 250k and 53.4 ms over 1M on 2 CPU cores
+# 128-d rows) took p95 15.2 ms over 250k rows and 53.4 ms over 1M on 2 CPU cores, one thread
 # (benchmarks/search.py --items N, docs/benchmarks.md): past the 50 ms a query may take.
 APPROXIMATE_FROM = 250_000
 
