@@ -19,6 +19,14 @@ def test_first_positive_ranks_on_a_hand_built_matrix():
     assert first_positive_ranks(similarity, positive).tolist() == [1, 3, 3]
 
 
+def test_a_candidate_within_rounding_of_the_positive_is_a_tie_and_one_clearly_above_is_not():
+    # The same caption encoded in two batches: equal up to float rounding, which must not decide R@1.
+    positive = torch.tensor([[1, 0, 0]], dtype=torch.bool)
+    assert first_positive_ranks(torch.tensor([[0.5, 0.5 + 3e-7, 0.1]]), positive).tolist() == [1]
+    assert first_positive_ranks(torch.tensor([[0.5, 0.5 + 1e-4, 0.1]]), positive).tolist() == [2]
+    assert first_positive_ranks(torch.tensor([[-0.5, -0.5 + 1e-4, 0.1]]), positive).tolist() == [3]
+
+
 def test_multi_positive_recall_median_rank_and_chance():
     # 3 images (groups 0, 1, 2) each with 2 captions; captions of image g are candidates with group g.
     captions = np.array([0, 0, 1, 1, 2, 2])

@@ -25,17 +25,21 @@ def index(
     features: Annotated[str | None, typer.Option("--features", help="Feature store (default: the run's).")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Rows encoded at once "
                                                    "(default: the run's eval_batch_size).")] = None,
+    onnx: Annotated[str | None, typer.Option("--onnx", help="An `mm export --format onnx` folder of the run: "
+                                             "encode on onnxruntime alone.")] = None,
     device: Device = "auto",
 ) -> None:
     """Embed every image, caption and utterance of a split with the run's encoders (from the feature store)
     and write one FAISS index per modality, for `mm search`.
 
     Example: mm index runs/mmn --split test
+    Example: mm index runs/mmn --onnx runs/mmn/onnx   (after mm export runs/mmn --out runs/mmn/onnx)
     """
     from trimodal.search.index import IndexOptions, build_index
 
     options = IndexOptions(split=split, checkpoint=checkpoint, shards=shards, features=features,
-                           approximate=approximate, device=device, batch_size=batch_size)
+                           approximate=approximate, device=device, batch_size=batch_size,
+                           onnx=onnx)
     with reporter() as progress:
         manifest = build_index(run, out, options, reporter=progress)
     table = Table(title=f"{manifest['run']} ({manifest['checkpoint']}), split {split}")
@@ -62,6 +66,8 @@ def search(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per result instead of a table.")] = False,
     caption: Annotated[bool, typer.Option("--caption", help="With --image, for a captioning run (bitmar): also "
                                           "the run's generated caption of the image.")] = False,
+    onnx: Annotated[str | None, typer.Option("--onnx", help="An `mm export --format onnx` folder of the run: "
+                                             "encode on onnxruntime alone.")] = None,
     device: Device = "auto",
 ) -> None:
     """Search a run's space with a text, image or audio query, in any modality.
@@ -90,7 +96,7 @@ def search(
     found = SearchIndex(index_path)
     if into is not None:
         found.check_modality(into)  # before the model is loaded
-    encoder = QueryEncoder(found.manifest, device)
+    encoder = QueryEncoder(found.manifest, device, onnx)
     results = run_search(found, encoder, kind, value, modality=into, k=k)
     generated = encoder.caption(value) if caption else None
     if as_json:
@@ -117,6 +123,8 @@ def serve(
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to listen on.")] = 8000,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.01, help="Largest image or audio upload "
                                                  "accepted (MB).")] = 10.0,
+    onnx: Annotated[str | None, typer.Option("--onnx", help="An `mm export --format onnx` folder of the run: "
+                                             "encode on onnxruntime alone.")] = None,
     device: Device = "auto",
 ) -> None:
     """A search page (text, image, speech: typed, uploaded or recorded) and its JSON API over an index.
@@ -129,7 +137,7 @@ def serve(
     from trimodal.search.server import create_app
 
     found = SearchIndex(index_path)
-    encoder = QueryEncoder(found.manifest, device)
+    encoder = QueryEncoder(found.manifest, device, onnx)
     app = create_app(found, encoder, max_upload_bytes=int(max_upload_mb * 1024 * 1024))
     if host not in ("127.0.0.1", "localhost", "::1"):
         from trimodal.cli.console import warn

@@ -204,8 +204,18 @@ class OpenClipTextCut(TowerCut):
 
 
 def caption_extent(ids: torch.Tensor) -> int:
-    """Positions a batch of open_clip token ids needs: through the latest end-of-text (highest) token."""
+    """Positions a batch of open_clip token ids needs: through the latest end-of-text (highest) token. All of
+    them while exporting (`exporting`)."""
+    if exporting():
+        return ids.shape[1]
     return int(ids.argmax(dim=-1).max()) + 1 if len(ids) else 1
+
+
+def exporting() -> bool:
+    """Whether the model is being traced into a graph (`mm export`: torch.export for ONNX). Cutting a batch at
+    its last real token only saves work on padding, which every encoder masks (keys) or never reads (causal,
+    pooled at the end-of-text token); a graph cannot depend on the data for its shapes, so it reads them all."""
+    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
 
 
 # -- torchaudio wav2vec2 / HuBERT / WavLM ---------------------------------------------------------

@@ -55,6 +55,7 @@ class IndexOptions:
     approximate: bool | None = None  # HNSW (True), exact (False), or by size (None: APPROXIMATE_FROM)
     device: str = "auto"
     batch_size: int | None = None  # default: the run's eval_batch_size
+    onnx: str | None = None  # an `mm export --format onnx` folder of the run: encode on onnxruntime alone
 
 
 def index_file(out: StoragePath, modality: str) -> StoragePath:
@@ -90,9 +91,11 @@ def build_index(run: str, out: str | None = None, options: IndexOptions = IndexO
     sources = open_sources(shards, features, [options.split])
     sources.check(options.split)
     checkpoint_sha = _sha256(folder.local / checkpoint_name)
+    exported = _exported_encoders(options.onnx, checkpoint_sha, options.checkpoint, sources) if options.onnx else None
     fingerprint = hashlib.sha256(json.dumps([FORMAT, checkpoint_sha, sources.store.fingerprint,
                                              json.loads(json.dumps(sources.store.config)), options.split,
-                                             options.approximate]).encode()).hexdigest()
+                                             options.approximate, "onnxruntime" if exported else "torch"]
+                                            ).encode()).hexdigest()
     with storage_errors(f"writing the index {out}"):
         prepare_folder(out)
         existing = _read_json(out / MANIFEST)
@@ -102,12 +105,15 @@ def build_index(run: str, out: str | None = None, options: IndexOptions = IndexO
         progress = _read_json(out / PROGRESS)
         done = set(progress.get("modalities", [])) if progress.get("fingerprint") == fingerprint else set()
 
-    model, _, device = load_run(folder.local, options.checkpoint, options.device)
+    if exported is not None:  # no model is built: the graphs encode, on onnxruntime
+        model, device, inputs = exported, torch.device("cpu"), exported.manifest["inputs"]
+    else:
+        model, _, device = load_run(folder.local, options.checkpoint, options.device)
+        inputs = {**{"image": "embedding", "text": "ids"}, **model.store_inputs()}
     train = resolved["train"]
     frames = max_audio_frames(TrainConfig(max_audio_seconds=float(train["max_audio_seconds"])), sources.store.config)
-    inputs = {**{"image": "embedding", "text": "ids"}, **model.store_inputs()}
     with reporter.task(f"read {options.split}", total=None, unit="shards") as task:
-        data = load_split(sources, options.split, train["modalities"], frames, model.store_inputs())
+        data = load_split(sources, options.split, train["modalities"], frames, inputs)
         task.update(total=1, completed=1)
     items = _items(sources, options.split, data, reporter)
     todo = [m for m in MODALITIES if m in train["modalities"] and _rows(data, m) and m not in done]
@@ -145,10 +151,26 @@ def build_index(run: str, out: str | None = None, options: IndexOptions = IndexO
         "text_spec": sources.text_spec, "max_audio_frames": frames,
         "modalities": {m: {"rows": _rows(data, m), **records[m]} for m in MODALITIES if m in done},
         "images": len(data.keys), "recalls": _recalls(folder.target, options.split),
+        "encoded_with": {"runtime": "onnxruntime", "export": str(exported.folder)} if exported else {"runtime": "torch"},
     }
     write_json(out / MANIFEST, manifest)
     (out / PROGRESS).unlink(missing_ok=True)
     return manifest
+
+
+def _exported_encoders(folder: str, checkpoint_sha: str, checkpoint: str, sources):
+    """The run's exported encoders (`trimodal.export.runtime.OnnxEncoders`), checked to be of this checkpoint and
+    to read this feature store's inputs."""
+    from trimodal.export.runtime import OnnxEncoders
+
+    encoders = OnnxEncoders(folder)
+    encoders.check_matches({"checkpoint_sha256": checkpoint_sha, "run": "this run", "checkpoint": checkpoint},
+                           "this index")
+    if json.loads(json.dumps(sources.store.config)) != encoders.manifest["store_config"]:
+        raise ConfigError(f"the export {encoders.folder} reads the features of another store than "
+                          f"{sources.features} (its featurizer record differs); export the run again or index "
+                          "with its own --features")
+    return encoders
 
 
 def _rows(data, modality: str) -> int:

@@ -115,17 +115,30 @@ def check_k(k: int) -> None:
 
 
 class QueryEncoder:
-    """Raw queries -> unit-length latents in the run's space (the run's model and the store's featurizer)."""
+    """Raw queries -> unit-length latents in the run's space (the run's model and the store's featurizer).
+    With `onnx` (an `mm export --format onnx` folder of the index's run and checkpoint) the run's encoders run
+    on onnxruntime: no model is built; the featurizer (tokenizer, image tower, log-mel) is the store's, as ever."""
 
-    def __init__(self, manifest: dict, device: str = "auto"):
+    def __init__(self, manifest: dict, device: str = "auto", onnx: str | None = None):
+        from trimodal.distributed import resolve_device
         from trimodal.features.query import QueryFeaturizer
-        from trimodal.training.eval_run import load_run
-        from trimodal.training.run_storage import RunFolder
-        from trimodal.training.trainer import CHECKPOINTS
 
-        folder = RunFolder(manifest["run"])
-        folder.fetch(["config.resolved.toml", f"{CHECKPOINTS}/{manifest['checkpoint']}.safetensors"])
-        self.model, self.resolved, self.device = load_run(folder.local, manifest["checkpoint"], device)
+        self.family = manifest["family"]
+        if onnx is not None:
+            from trimodal.export.runtime import OnnxEncoders
+
+            self.model = OnnxEncoders(onnx)
+            self.model.check_matches(manifest, "the index")
+            self.device, self.episode_size = resolve_device(device), None
+        else:
+            from trimodal.training.eval_run import load_run
+            from trimodal.training.run_storage import RunFolder
+            from trimodal.training.trainer import CHECKPOINTS
+
+            folder = RunFolder(manifest["run"])
+            folder.fetch(["config.resolved.toml", f"{CHECKPOINTS}/{manifest['checkpoint']}.safetensors"])
+            self.model, resolved, self.device = load_run(folder.local, manifest["checkpoint"], device)
+            self.episode_size = int(resolved["train"]["batch_size"])  # a captioner's memory episode
         inputs = manifest["inputs"]
         self.featurizer = QueryFeaturizer(manifest["store_config"], self.device, image_input=inputs["image"],
                                           text_input=inputs.get("text", "ids"), text_spec=manifest.get("text_spec"))
@@ -141,10 +154,13 @@ class QueryEncoder:
         from trimodal.training.captions import generate_captions
 
         if not self.captions:
-            raise ConfigError(f"model family {self.resolved['model']['name']!r} does not generate captions")
+            limits = [line for line in getattr(self.model, "manifest", {}).get("not_exported", [])
+                      if line.startswith("caption")]
+            raise ConfigError(f"--caption with --onnx: {limits[0]}" if limits else
+                              f"model family {self.family!r} does not generate captions")
         vector = self.featurizer.image_query(image).image
         (caption,), _ = generate_captions(self.model, vector[None], self.featurizer.tokenizer, self.device,
-                                          beams=beams, episode_size=int(self.resolved["train"]["batch_size"]))
+                                          beams=beams, episode_size=self.episode_size)
         return caption
 
     def encode(self, kind: str, query: str | bytes) -> np.ndarray:

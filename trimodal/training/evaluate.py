@@ -18,10 +18,19 @@ def direction_name(query: str, candidate: str) -> str:
     return f"{query}->{candidate}"
 
 
+# Scores closer than this (relative to the positive's, at least 1) are ties. The same caption twice in a split
+# (COCO has many) gives two latents equal up to float rounding, which depends on the batch a row was encoded
+# in, the thread count and the CPU's kernels: ~1e-7 for unit latents (measured: 2 ranks against 1 process),
+# so without it R@1 changed with the machine.
+TIE = 1e-5
+
+
 def first_positive_ranks(similarity: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
-    """1-based rank of the best-scored positive of each query row (ties are resolved in its favour)."""
+    """1-based rank of the best-scored positive of each query row: 1 + the candidates scored above it by more
+    than `TIE` (ties, exact or within rounding, are resolved in its favour)."""
     best = torch.where(positive, similarity, torch.full_like(similarity, -torch.inf)).max(dim=1).values
-    return 1 + (similarity > best.unsqueeze(1)).sum(dim=1)
+    margin = torch.where(best.isfinite(), TIE * best.abs().clamp_min(1.0), torch.zeros_like(best))
+    return 1 + (similarity > (best + margin).unsqueeze(1)).sum(dim=1)
 
 
 def chance_at_k(positives: np.ndarray, candidates: int, k: int = 10) -> float:

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from trimodal.features.towers import masked_mean
+from trimodal.features.towers import exporting, masked_mean
 
 
 def sinusoidal_positions(length: int, dim: int, device=None) -> torch.Tensor:
@@ -37,12 +37,20 @@ class TextEncoder(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        mask = ids != 0
-        length = int(mask.sum(1).max().clamp(min=1))  # drop the all-padding tail of the batch
-        ids, mask = ids[:, :length], mask[:, :length]
-        hidden = self.tokens(ids) + self.positions[:length]
+        ids, mask = trim_padding(ids)
+        hidden = self.tokens(ids) + self.positions[: ids.shape[1]]
         hidden = self.encoder(hidden, src_key_padding_mask=~mask)
         return self.norm(masked_mean(hidden, mask))
+
+
+def trim_padding(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """0-padded token ids (B, L) without the batch's all-padding tail, and their mask (ids != 0); all of
+    them while exporting (`exporting`)."""
+    mask = ids != 0
+    if exporting():
+        return ids, mask
+    length = int(mask.sum(1).max().clamp(min=1))
+    return ids[:, :length], mask[:, :length]
 
 
 class ImageEncoder(nn.Module):

@@ -164,6 +164,21 @@ class Family(nn.Module):
         """Caption token ids for (N, image_dim) image vectors (families that `generates_captions`)."""
         raise NotImplementedError(f"{type(self).__name__} does not generate captions")
 
+    # -- export -------------------------------------------------------------------------------------------
+
+    def export_limits(self) -> list[str]:
+        """What `mm export` leaves out, one line each saying why: `encode` of each modality is exported as a
+        graph (a layer whose inference form differs from its training form offers `exported()`); what
+        changes weights per query or decodes step by step is not."""
+        limits = []
+        if self.has_test_time_training:
+            limits.append("test-time training (mm eval --ttt) is not exported: it moves the model's weights "
+                          "with every batch of queries; the graphs compute the trained weights' latents")
+        if self.generates_captions:
+            limits.append("caption generation is not exported: it decodes token by token with beam search; "
+                          "`mm caption` and `mm search --caption` need the run itself")
+        return limits
+
 
 def store_settings(store_config: dict) -> dict:
     """The `STORE_SETTINGS` a feature store decides: its input sizes, and the towers it ran (not vectors a

@@ -30,14 +30,34 @@ def activation_quant(x: torch.Tensor) -> torch.Tensor:
     return (x * scale).round().clamp(-128, 127) / scale
 
 
+def ternary_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The {-1, 0, +1} codes of a weight (in its dtype) and its scale γ = mean|W|, rounded as `weight_quant`
+    rounds them (W_q = codes·γ)."""
+    scale = 1.0 / w.detach().abs().mean().clamp(min=1e-5)
+    return (w.detach() * scale).round().clamp(-1, 1), 1.0 / scale
+
+
 def ternary(w: torch.Tensor) -> tuple[torch.Tensor, float]:
     """The int8 {-1, 0, +1} codes of a weight and its scale γ (W ≈ codes·γ)."""
-    gamma = float(w.detach().abs().mean().clamp(min=1e-5))
-    return (w.detach() / gamma).round().clamp(-1, 1).to(torch.int8), gamma
+    codes, gamma = ternary_codes(w)
+    return codes.to(torch.int8), float(gamma)
+
+
+def quantised_linear(x_norm: torch.Tensor, codes: torch.Tensor, gamma: torch.Tensor,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    """A BitLinear at inference, as BitNet's kernels compute it: the 8-bit integer activations times the ternary
+    codes, then scaled by γ/s. The product is a sum of integers, exact in float32 whatever order a kernel sums
+    in (|Σ| ≤ 128·in_features < 2²⁴), so torch and onnxruntime agree on it to the bit; the straight-through
+    form, (x_int/s)·(codes·γ), is the same up to float rounding."""
+    scale = 127.0 / x_norm.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
+    x_int = (x_norm * scale).round().clamp(-128, 127)
+    out = F.linear(x_int, codes.to(x_int.dtype)) * (gamma.to(x_int.dtype) / scale)
+    return out if bias is None else out + bias
 
 
 class BitLinear(nn.Linear):
-    """y = x_q·W_qᵀ with x_q = absmax8(RMSNorm(x)) and W_q = absmean-ternary(W), straight-through."""
+    """y = x_q·W_qᵀ with x_q = absmax8(RMSNorm(x)) and W_q = absmean-ternary(W), straight-through in training;
+    integer activations times ternary codes at inference (`quantised_linear`)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__(in_features, out_features, bias=bias)
@@ -45,9 +65,32 @@ class BitLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_norm = self.norm(x)
+        if not self.training:
+            return quantised_linear(x_norm, *ternary_codes(self.weight), self.bias)
         x_q = x_norm + (activation_quant(x_norm) - x_norm).detach()
         w_q = self.weight + (weight_quant(self.weight) - self.weight).detach()
         return F.linear(x_q, w_q, self.bias)
+
+    def exported(self) -> TernaryLinear:
+        """This layer as an exported graph holds it (`trimodal.export`): ternary codes, not latent weights."""
+        return TernaryLinear(self)
+
+
+class TernaryLinear(nn.Module):
+    """A trained BitLinear as an exported graph holds it: its ternary codes as int8 and its scale γ, the
+    RMSNorm, and `quantised_linear`; no latent weights. The same numbers as the BitLinear in eval mode."""
+
+    quantises_activations = True  # an activation within float rounding of an 8-bit level may round either way
+
+    def __init__(self, layer: BitLinear):
+        super().__init__()
+        codes, gamma = ternary_codes(layer.weight)
+        self.register_buffer("codes", codes.to(torch.int8))
+        self.register_buffer("gamma", gamma)
+        self.norm, self.bias = layer.norm, layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quantised_linear(self.norm(x), self.codes, self.gamma, self.bias)
 
 
 def rotary(x: torch.Tensor, offset: int = 0) -> torch.Tensor:

@@ -110,6 +110,11 @@ class BitMar(Family):
         mask = ids != 0
         return masked_mean(self.text_encoder(self.token_embedding(ids), mask), mask)
 
+    def export_limits(self) -> list[str]:
+        return ["caption generation is not exported: each image's episode is first written into Larimar's "
+                "memory (a least-squares solve over the episodes, per query) and the caption is then decoded "
+                "token by token with beam search; `mm caption` and `mm search --caption` need the run itself"]
+
     def encode(self, modality: str, batch: dict) -> torch.Tensor:
         if modality == "image":
             return F.normalize(self.image_latent(self.vision(batch["image"])), dim=-1)

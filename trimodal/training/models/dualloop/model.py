@@ -28,7 +28,7 @@ from trimodal.training.models.dualloop.controller import ControlledOptimization,
 from trimodal.training.losses import clip_loss, multimodal_infonce
 from trimodal.training.models import register_model
 from trimodal.training.models.encoders import (AudioEncoder, ImageEncoder, TextEncoder, masked_mean,
-                                                run_encoder, sinusoidal_positions, transformer)
+                                                run_encoder, sinusoidal_positions, transformer, trim_padding)
 from trimodal.training.models.family import MODALITIES, Family, present_modalities
 
 FUSIONS = ("early", "late", "cross")
@@ -46,10 +46,8 @@ def attendable(mask: torch.Tensor) -> torch.Tensor:
 
 class TextTokens(TextEncoder):
     def forward(self, ids: torch.Tensor) -> Tokens:
-        mask = ids != 0
-        length = int(mask.sum(1).max().clamp(min=1))
-        ids, mask = ids[:, :length], mask[:, :length]
-        hidden = self.encoder(self.tokens(ids) + self.positions[:length], src_key_padding_mask=~attendable(mask))
+        ids, mask = trim_padding(ids)
+        hidden = self.encoder(self.tokens(ids) + self.positions[: ids.shape[1]], src_key_padding_mask=~attendable(mask))
         return self.norm(hidden), mask
 
 
