@@ -10,8 +10,8 @@ import typer
 from rich.markup import escape
 
 from trimodal import __version__
-from trimodal.cli import (caption, datasets, demo, download, evaluate, export, featurize, info, search, shard, train,
-                          validate)
+from trimodal.cli import (caption, datasets, demo, download, evaluate, export, export_benchmark, featurize, info, pairs,
+                          search, shard, train, validate)
 from trimodal.cli.console import console, err_console
 from trimodal.errors import TrimodalError
 from trimodal.signals import Stopped, raise_on_stop_signals
@@ -54,6 +54,8 @@ app.command("search")(search.search)
 app.command("serve")(search.serve)
 app.command("export")(export.export)
 app.command("info")(info.info)
+app.command("pairs")(pairs.pairs)
+app.command("export-benchmark")(export_benchmark.export_benchmark)
 app.command("demo")(demo.demo)
 
 
