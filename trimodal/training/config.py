@@ -167,6 +167,9 @@ def _same_type(default, value) -> bool:
     return isinstance(value, type(default))
 
 
+LOGGERS = ("tensorboard", "wandb")
+
+
 def _check_ranges(train: TrainConfig) -> list[str]:
     problems = []
     for key in ("epochs", "batch_size", "grad_accum", "log_every", "eval_batch_size"):
@@ -185,6 +188,8 @@ def _check_ranges(train: TrainConfig) -> list[str]:
         problems.append("[train] dist_timeout_s must be positive")
     if train.dist_backend not in BACKENDS:
         problems.append(f"[train] dist_backend must be one of {', '.join(BACKENDS)} (got {train.dist_backend!r})")
+    if not set(train.loggers) <= set(LOGGERS):
+        problems.append(f"[train] loggers must name some of {', '.join(LOGGERS)} (got {train.loggers})")
     unknown = set(train.modalities) - {"image", "text", "audio"}
     if unknown or len(train.modalities) < 2:
         problems.append(f"[train] modalities must name at least two of image, text, audio (got {train.modalities})")

@@ -16,26 +16,41 @@ from trimodal.training.optimization import flatten
 
 
 class RunLog:
-    """metrics.jsonl (one JSON record per line) and TensorBoard scalars; `enabled=False` writes nothing."""
+    """metrics.jsonl (one JSON record per line), TensorBoard scalars (`tensorboard`) and a wandb run (`wandb`,
+    a `trimodal.training.wandb_log.WandbLog`); `enabled=False` writes nothing."""
 
-    def __init__(self, run: Path, enabled: bool = True):
+    def __init__(self, run: Path, enabled: bool = True, *, tensorboard: bool = True, wandb=None):
         self.enabled = enabled
         self._file = self._writer = None
+        self._wandb = wandb if enabled else None
         if enabled:
-            from torch.utils.tensorboard import SummaryWriter
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(str(run / "tensorboard"))
+                self._writer = SummaryWriter(str(run / "tensorboard"))
             self._file = open(run / "metrics.jsonl", "a", encoding="utf-8")
 
     def record(self, record: dict) -> None:
         if self.enabled:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
+            if self._wandb is not None:
+                self._wandb.record(record)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
-        if self.enabled:
+        if self._writer is not None:
             for tag, value in values.items():
                 self._writer.add_scalar(tag, value, step)
+
+    def images(self, paths: list[Path], step: int) -> None:
+        """The run's plots, just drawn (wandb: as images)."""
+        if self._wandb is not None:
+            self._wandb.images(paths, step)
+
+    def best(self, record: dict) -> None:
+        """The validation record of the checkpoint now best (wandb: the run's summary)."""
+        if self._wandb is not None:
+            self._wandb.best(record)
 
     def train_record(self, record: dict) -> None:
         """A "train" record, and its numbers as TensorBoard scalars (nested ones as `train/<a>/<b>`)."""
@@ -57,7 +72,10 @@ class RunLog:
     def close(self) -> None:
         if self.enabled:
             self._file.close()
-            self._writer.close()
+            if self._writer is not None:
+                self._writer.close()
+            if self._wandb is not None:
+                self._wandb.close()
 
 
 def truncate_metrics(path: Path, epoch: int, step: int, epoch_done: bool) -> None:

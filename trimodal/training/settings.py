@@ -55,6 +55,14 @@ class TrainConfig:
     # weights = {loss = w} (optional)}; `epochs` is then their sum, or, when set too, where the run stops
     # (the stages in order, cut there). Empty: one phase of `epochs`.
     stages: list[dict] = field(default_factory=list)
+    # Where records go besides metrics.jsonl: "tensorboard" (events in RUN/tensorboard) and/or "wandb" (a
+    # Weights & Biases run in `wandb_project`, `wandb_entity` or wandb's default; see
+    # trimodal.training.wandb_log). Missing wandb or a missing login stops the run before it trains, unless
+    # `wandb_optional`, which trains on without wandb and says so.
+    loggers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    wandb_project: str = "trimodal"
+    wandb_entity: str = ""
+    wandb_optional: bool = False
 
     def stage_at(self, epoch: int) -> dict | None:
         """The stage epoch `epoch` (0-based) belongs to; None without stages."""

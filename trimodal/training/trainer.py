@@ -160,6 +160,7 @@ def _train(config: RunConfig, shards: Path, features: Path, folder: RunFolder, d
     distributed.on_main(lambda: folder.prepare(resume=resume, overwrite=overwrite), "preparing the run folder")
     state = distributed.on_main(lambda: _read_state(run) if resume else None, "reading the checkpoint")
     streams, notes = _data_streams(settings, dist.world_size, state)
+    use_wandb = "wandb" in settings.loggers and _wandb_available(settings, notes)
     if state is not None and not state.get("epoch_done", True):
         notes += _mid_epoch_notes(state, settings, dist.world_size, streams)
     model.to(dist.device)
@@ -210,7 +211,8 @@ def _train(config: RunConfig, shards: Path, features: Path, folder: RunFolder, d
                               {"parameters": parameters, "trainable_parameters": trainable, "device": str(dist.device),
                                "world_size": dist.world_size, "batch_per_rank": rows,
                                "steps_per_epoch": steps_per_epoch, "samples_dropped_per_epoch": dropped})
-        opened["log"] = RunLog(run)
+        opened["log"] = RunLog(run, tensorboard="tensorboard" in settings.loggers,
+                               wandb=_open_wandb(run, settings) if use_wandb else None)
 
     distributed.on_main(open_run_files, "writing config.resolved.toml")
     log = opened.get("log") or RunLog(run, enabled=False)
@@ -356,8 +358,34 @@ def _end_epoch(folder: RunFolder, model: Family, log: RunLog, record: dict, stat
     for extra in model.epoch_records():
         log.record({"epoch": record["epoch"], "step": record["step"], **extra})
     save_checkpoint(folder.local / CHECKPOINTS, model, state, keep=keep, best=improved)
-    plot_run(folder.local, model)
+    log.images(plot_run(folder.local, model), record["step"])
+    if improved:
+        log.best(record)
     folder.publish()
+
+
+def _wandb_available(settings: TrainConfig, notes: list[str]) -> bool:
+    """Whether wandb can log; when it cannot, a WandbUnavailable, or (train.wandb_optional) a note and False."""
+    from trimodal.training.wandb_log import WandbUnavailable, check_available
+
+    try:
+        check_available()
+    except WandbUnavailable as error:
+        if not settings.wandb_optional:
+            raise
+        notes.append(f"{error}: training without wandb (train.wandb_optional)")
+        return False
+    return True
+
+
+def _open_wandb(run: Path, settings: TrainConfig):
+    """The wandb run of `run`, with config.resolved.toml (just written) as its config."""
+    import tomllib
+
+    from trimodal.training.wandb_log import WandbLog
+
+    config = tomllib.loads((run / "config.resolved.toml").read_text(encoding="utf-8"))
+    return WandbLog(run, config, settings.wandb_project, settings.wandb_entity)
 
 
 def enter_stage(model: Family, settings: TrainConfig, epoch: int) -> dict | None:
