@@ -36,7 +36,8 @@ def evaluate(
     device: Device = "auto",
 ) -> None:
     """Recall@1/5/10 and median rank in all six directions; writes RUN/eval-<split>.json. Families that
-    generate captions (bitmar) also get BLEU-1..4, ROUGE-L and CIDEr, and RUN/captions-<split>.jsonl.
+    generate captions (bitmar) also get BLEU-1..4, METEOR (with Java), ROUGE-L and CIDEr, and
+    RUN/captions-<split>.jsonl.
 
     Example: mm eval runs/mmn --split test --ttt
     Example: mm eval runs/coco --split test --folds 5

@@ -23,7 +23,7 @@ def recall_table(directions: dict, *, title: str, ttt: dict | None = None) -> Ta
 
 
 def caption_table(captioning: dict, *, title: str) -> Table:
-    metrics = [k for k in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr") if k in captioning]
+    metrics = [k for k in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr") if k in captioning]
     table = Table(title=title)
     for column in metrics:
         table.add_column(column, justify="right")

@@ -1,16 +1,19 @@
 """Captioning evaluation: generate a caption for every image of a split and score them against the
 split's reference captions (the raw `KEY.txt` lines of the shards).
 
-Metrics come from `pycocoevalcap` (the COCO caption evaluation code, as packaged on PyPI): BLEU-1..4
-(`Bleu(4)`, corpus-level, the closest reference length), ROUGE-L (`Rouge`) and CIDEr-D (`Cider`), all pure
-Python. Its PTB tokenizer, METEOR and SPICE run Java, so: captions are tokenised here the way the PTB
-tokenizer leaves them for these scorers (lower case, words and numbers, punctuation dropped), and METEOR
-is not reported (nltk's needs WordNet data that is downloaded at run time; nothing else packages it).
+Metrics come from `pycocoevalcap` (the COCO caption evaluation code, as packaged on PyPI), as its
+`COCOEvalCap` computes them: captions tokenised by its PTB tokenizer (Stanford CoreNLP's, Java), then
+BLEU-1..4 (`Bleu(4)`, corpus-level, the closest reference length), METEOR 1.5 (`Meteor`, Java), ROUGE-L
+(`Rouge`) and CIDEr-D (`Cider`); equal to COCOEvalCap's to the last digit (tested). SPICE is left out: it
+downloads Stanford CoreNLP models at its first run. Without a Java runtime (Debian: default-jre-headless)
+METEOR is not reported, the result says so, and captions are tokenised here as the PTB tokenizer leaves
+them for the other scorers (lower case, words and numbers, punctuation dropped).
 """
 
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +26,9 @@ from trimodal.pipeline.read.shards import read_shard
 from trimodal.training.captions import generate_captions
 from trimodal.training.models.family import EvaluationContext, EvaluationExtras
 
-METRICS_SOURCE = ("pycocoevalcap (Bleu, Rouge, Cider); lower-cased word tokens, punctuation dropped; "
-                  "METEOR not reported (its maintained implementations need Java or downloaded WordNet data)")
+METRICS_SOURCE = "pycocoevalcap, as COCOEvalCap: PTB tokenizer (Java), Bleu(4), Meteor (Java), Rouge, Cider"
+METRICS_SOURCE_WITHOUT_JAVA = ("pycocoevalcap (Bleu, Rouge, Cider); lower-cased word tokens, punctuation dropped; "
+                               "METEOR not reported: no Java runtime (install default-jre-headless)")
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 
 
@@ -46,8 +50,24 @@ def split_references(shards: Path, split: str) -> dict[str, list[str]]:
     return references
 
 
-def caption_scores(references: dict[str, list[str]], generated: dict[str, str]) -> dict[str, float]:
-    """BLEU-1..4, ROUGE-L and CIDEr of `generated` (one caption per key) against `references`."""
+def java_runtime() -> str | None:
+    """The `java` that runs, or None (what METEOR and the PTB tokenizer need)."""
+    import shutil
+    import subprocess
+
+    java = shutil.which("java")
+    if java is None:
+        return None
+    try:
+        done = subprocess.run([java, "-version"], capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return java if done.returncode == 0 else None
+
+
+def caption_scores(references: dict[str, list[str]], generated: dict[str, str]) -> tuple[dict[str, float], str]:
+    """(BLEU-1..4, METEOR (with Java), ROUGE-L and CIDEr of `generated`, one caption per key, against
+    `references`; how they were computed)."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
@@ -55,12 +75,63 @@ def caption_scores(references: dict[str, list[str]], generated: dict[str, str]) 
     keys = [key for key in generated if references.get(key)]
     if not keys:
         raise ConfigError("no generated caption has a reference caption to be scored against")
-    gts = {key: [caption_words(text) for text in references[key]] for key in keys}
-    res = {key: [caption_words(generated[key]) or "<empty>"] for key in keys}  # the scorers need a word
+    java = java_runtime() is not None
+    if java:
+        gts, res = _ptb_tokenized({key: references[key] for key in keys}), _ptb_tokenized({key: [generated[key]] for key in keys})
+    else:
+        gts = {key: [caption_words(text) for text in references[key]] for key in keys}
+        res = {key: [caption_words(generated[key])] for key in keys}
+    res = {key: [caption or "<empty>"] for key, (caption,) in res.items()}  # the scorers need a word
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    scores = {f"BLEU-{n}": float(bleu[n - 1]) for n in range(1, 5)}
+    if java:
+        scores["METEOR"] = _meteor(gts, res)
     rouge, _ = Rouge().compute_score(gts, res)
     cider, _ = Cider().compute_score(gts, res)
-    return {**{f"BLEU-{n}": float(bleu[n - 1]) for n in range(1, 5)}, "ROUGE-L": float(rouge), "CIDEr": float(cider)}
+    return {**scores, "ROUGE-L": float(rouge), "CIDEr": float(cider)}, (METRICS_SOURCE if java else METRICS_SOURCE_WITHOUT_JAVA)
+
+
+def _ptb_tokenized(captions: dict[str, list[str]]) -> dict[str, list[str]]:
+    """pycocoevalcap's PTBTokenizer over {key: [caption, …]}, its Java process's progress line kept off stderr."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    with _quiet_stderr():
+        return PTBTokenizer().tokenize({key: [{"caption": text} for text in texts] for key, texts in captions.items()})
+
+
+_METEOR = {}
+
+
+def _meteor(gts: dict, res: dict) -> float:
+    """METEOR 1.5 of `res` against `gts` (tokenised); one Java process per Python process, as loading its
+    paraphrase tables takes seconds, stopped at exit."""
+    import atexit
+
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    if "scorer" not in _METEOR:
+        with _quiet_stderr():
+            _METEOR["scorer"] = Meteor()
+        atexit.register(_METEOR.clear)
+    score, _ = _METEOR["scorer"].compute_score(gts, res)
+    return float(score)
+
+
+@contextmanager
+def _quiet_stderr():
+    """File descriptor 2 to /dev/null for a Java child that reports progress there (library code prints nothing)."""
+    import os
+    import sys
+
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
 
 
 def slot_access(weights: np.ndarray) -> dict:
@@ -95,8 +166,9 @@ def caption_evaluation(model, context: EvaluationContext) -> EvaluationExtras:
                          f"memory slot access, {split} ({len(data.keys)} reads)")
     lines = [{"key": key, "generated": generated[key], "references": references.get(key, [])} for key in data.keys]
     captions_file = f"captions-{split}.jsonl"
+    scores, source = caption_scores(references, generated)
     return EvaluationExtras(
-        result={"captioning": {**caption_scores(references, generated), "images": len(captions), "beams": beams,
-                               "captions_file": captions_file, "metrics_from": METRICS_SOURCE},
+        result={"captioning": {**scores, "images": len(captions), "beams": beams, "captions_file": captions_file,
+                               "metrics_from": source},
                 "memory": {"used": bool(model.memory_trained), "episode_size": episode_size, **access}},
         files={captions_file: lines})

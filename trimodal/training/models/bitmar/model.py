@@ -279,7 +279,7 @@ class BitMar(Family):
         return tokens, torch.cat(weights) if weights else torch.zeros(0, self.memory.slots)
 
     def evaluation_extras(self, context) -> EvaluationExtras | None:
-        """Captions of every image of the split, scored (BLEU, ROUGE-L, CIDEr), and how they read the memory."""
+        """Captions of every image of the split, scored (BLEU, METEOR, ROUGE-L, CIDEr), and how they read the memory."""
         from trimodal.training.models.bitmar.captioning import caption_evaluation
 
         if context.data.images is None or context.data.tokens is None:
