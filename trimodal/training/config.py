@@ -179,7 +179,8 @@ def _check_ranges(train: TrainConfig) -> list[str]:
         problems.append("[train] batch_size must be at least 2 (contrastive loss)")
     if train.lr <= 0:
         problems.append("[train] lr must be positive")
-    for key in ("max_steps", "data_streams", "checkpoint_every_steps", "checkpoint_every_minutes", "max_minutes"):
+    for key in ("max_steps", "data_streams", "checkpoint_every_steps", "checkpoint_every_minutes", "max_minutes",
+                "attention_every"):
         if getattr(train, key) < 0:
             problems.append(f"[train] {key} must be 0 or more")
     if train.keep_checkpoints < 1:

@@ -1,4 +1,4 @@
-"""PNG plots of a run's metrics: training losses per step, validation recalls per epoch."""
+"""PNG plots of a run's metrics: training losses per step, validation recalls per epoch, attention heads."""
 
 from __future__ import annotations
 
@@ -53,9 +53,51 @@ def plot_run(run: Path, family=None) -> list[Path]:
         figure.savefig(out / "recalls.png", dpi=120)
         plt.close(figure)
         written.append(out / "recalls.png")
+    written += plot_attention_heads([r for r in records if r["type"] == "attention"], out / "attention-heads.png")
     if family is not None:
         written += family.plots(records, out)
     return written
+
+
+def plot_attention_heads(records: list[dict], path: Path) -> list[Path]:
+    """Heads × steps: each attention head's focus (`trimodal.training.attention_heads`) at every probe."""
+    if not records:
+        return []
+    rows = [(module, head) for module, focus in records[-1]["heads"].items() for head in range(len(focus))]
+    grid = [[_number(_at(r["heads"].get(module), head)) for r in records] for module, head in rows]
+    figure, axis = plt.subplots(figsize=(min(14, 3 + 0.25 * len(records)), min(30, 1.5 + 0.22 * len(rows))))
+    image = axis.imshow(grid, aspect="auto", vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
+    axis.set_yticks(range(len(rows)), [f"{module} · {head}" for module, head in rows], fontsize=6)
+    ticks = list(range(0, len(records), max(1, len(records) // 10)))
+    axis.set_xticks(ticks, [str(records[i]["step"]) for i in ticks], fontsize=7)
+    axis.set(xlabel="optimizer step", title="attention heads: focus (1 − entropy / log keys)")
+    figure.colorbar(image, ax=axis, fraction=0.03)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return [path]
+
+
+def plot_attention_maps(maps: dict, path: Path) -> Path:
+    """One row per module, one column per probe row: its attention (query × key positions, mean over heads)."""
+    modules = list(maps)
+    columns = max(len(m) for m in maps.values())
+    figure, axes = plt.subplots(len(modules), columns, figsize=(3.2 * columns, 3 * len(modules)), squeeze=False)
+    for row, module in enumerate(modules):
+        for column in range(columns):
+            axis = axes[row, column]
+            if column < len(maps[module]):
+                axis.imshow(maps[module][column], aspect="auto", cmap="magma", interpolation="nearest")
+                axis.set_title(f"{module}\nprobe row {column}", fontsize=7)
+            axis.set(xlabel="key position", ylabel="query position")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def _at(values, index):
+    return values[index] if values is not None and index < len(values) else None
 
 
 def plot_series(records: list[dict], key: str, series: tuple[tuple[str, str], ...], path: Path) -> list[Path]:

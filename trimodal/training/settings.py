@@ -60,6 +60,9 @@ class TrainConfig:
     # trimodal.training.wandb_log). Missing wandb or a missing login stops the run before it trains, unless
     # `wandb_optional`, which trains on without wandb and says so.
     loggers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    # Every this many optimizer steps (0: never), each attention head's focus on a fixed batch of validation
+    # rows goes to metrics.jsonl, plots/attention-heads.png and cross-modal maps (trimodal.training.attention_heads).
+    attention_every: int = 0
     wandb_project: str = "trimodal"
     wandb_entity: str = ""
     wandb_optional: bool = False

@@ -186,6 +186,7 @@ def _train(config: RunConfig, shards: Path, features: Path, folder: RunFolder, d
                         generator=torch.Generator().manual_seed(settings.seed),
                         worker_init_fn=ignore_stop_signals if settings.num_workers > 0 else None)
     val_data = load_split(sources, val_split, settings.modalities, frames, model.store_inputs()) if has_val else None
+    probe = _attention_probe(settings, sources, val_split if has_val else None, model, frames) if dist.main else None
     optimization = model.make_optimization(settings, total_steps)
 
     start_epoch, start_batch, step, best, best_epoch, running = 0, 0, 0, -1.0, None, {}
@@ -252,7 +253,8 @@ def _train(config: RunConfig, shards: Path, features: Path, folder: RunFolder, d
             boundary.restart_clock()
             outcome = _train_epoch(step_loss, model, loader, optimization, settings, dist, epoch, step, batches, log,
                                    reporter, stage, first_batch=first, running=running, boundary=boundary,
-                                   checkpoint=lambda step, done, running: checkpoint(epoch, step, done, running))
+                                   checkpoint=lambda step, done, running: checkpoint(epoch, step, done, running),
+                                   probe=probe)
             step = outcome.step
             train_seconds, train_steps = train_seconds + time.monotonic() - began, train_steps + step - first_step
             seen += outcome.rows * dist.world_size
@@ -276,7 +278,7 @@ def _train(config: RunConfig, shards: Path, features: Path, folder: RunFolder, d
             end_state = {**progress(epoch, step), "epoch_done": True}
             began = time.monotonic()
             distributed.on_main(lambda: _end_epoch(folder, model, log, record, end_state, improved,
-                                                   settings.keep_checkpoints), "writing checkpoints")
+                                                   settings.keep_checkpoints, probe), "writing checkpoints")
             boundary.checkpointed(time.monotonic() - began)
             if stop_after_epoch is not None and epoch >= stop_after_epoch:
                 break
@@ -352,16 +354,29 @@ def _wrap(step_loss: StepLoss, dist: distributed.Dist):
 
 
 def _end_epoch(folder: RunFolder, model: Family, log: RunLog, record: dict, state: dict, improved: bool,
-               keep: int) -> None:
+               keep: int, probe=None) -> None:
     """Rank 0's part of an epoch's end: records, checkpoints (atomic), plots, then the run published."""
     log.val_record(record)
     for extra in model.epoch_records():
         log.record({"epoch": record["epoch"], "step": record["step"], **extra})
     save_checkpoint(folder.local / CHECKPOINTS, model, state, keep=keep, best=improved)
-    log.images(plot_run(folder.local, model), record["step"])
+    plots = plot_run(folder.local, model) + (probe.plot(folder.local / "plots") if probe is not None else [])
+    log.images(plots, record["step"])
     if improved:
         log.best(record)
     folder.publish()
+
+
+def _attention_probe(settings: TrainConfig, sources, split: str | None, model: Family, frames: int):
+    """The AttentionProbe of `train.attention_every` over the first rows of the validation split, or None."""
+    from trimodal.training.attention_heads import PROBE_ROWS, AttentionProbe
+
+    if not settings.attention_every or split is None:
+        return None
+    rows = TrimodalDataset(sources, split=split, modalities=settings.modalities, batch_size=PROBE_ROWS, shuffle=False,
+                           max_audio_frames=frames, inputs=model.store_inputs())
+    batch = next(iter(rows), None)
+    return AttentionProbe(batch, settings.attention_every) if batch is not None else None
 
 
 def _wandb_available(settings: TrainConfig, notes: list[str]) -> bool:
@@ -431,7 +446,7 @@ class EpochOutcome:
 def _train_epoch(step_loss, model: Family, loader, optimization: Optimization, settings: TrainConfig,
                  dist: distributed.Dist, epoch: int, step: int, batches: int, log: RunLog, reporter: Reporter,
                  stage: dict | None = None, *, first_batch: int = 0, running: dict | None = None,
-                 boundary: StepBoundary | None = None, checkpoint=None) -> EpochOutcome:
+                 boundary: StepBoundary | None = None, checkpoint=None, probe=None) -> EpochOutcome:
     """One epoch's steps from global batch `first_batch` on. After every optimizer step `boundary` says
     whether to stop (the epoch ends there) and whether `checkpoint(step, batches_done, running)` is due."""
     model.train()
@@ -466,6 +481,8 @@ def _train_epoch(step_loss, model: Family, loader, optimization: Optimization, s
                 step = optimization.step(step, loss)
             model.after_optimizer_step()
             pending = 0
+            if probe is not None and probe.due(step):  # rank 0's alone: no collective inside
+                log.record(probe(model, epoch, step))
             if step % settings.log_every == 0 and dist.main:
                 _log_train(log, running, epoch, step, optimization,
                            seen * dist.world_size / (time.monotonic() - started), model, stage)

@@ -96,6 +96,8 @@ def _numbers(record: dict, prefix: str = "") -> dict[str, float]:
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             found.update(_numbers(value, name + "/"))
+        elif isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            found.update({f"{name}/{i}": v for i, v in enumerate(value)})  # e.g. one number per attention head
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             found[name] = value
     return found

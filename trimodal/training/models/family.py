@@ -164,6 +164,11 @@ class Family(nn.Module):
         """Caption token ids for (N, image_dim) image vectors (families that `generates_captions`)."""
         raise NotImplementedError(f"{type(self).__name__} does not generate captions")
 
+    def cross_modal_attention(self) -> list[str]:
+        """Names of the modules whose attention crosses modalities (their maps go to
+        plots/cross-modal-attention.png with `train.attention_every`); none by default."""
+        return []
+
     # -- export -------------------------------------------------------------------------------------------
 
     def export_limits(self) -> list[str]:

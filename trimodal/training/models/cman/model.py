@@ -115,6 +115,11 @@ class CrossModalAttentionNetwork(Family):
         tokens, mask = self.inputs[modality](batch)
         return tokens + self.type_embedding.weight[MODALITIES.index(modality)], mask
 
+    def cross_modal_attention(self) -> list[str]:
+        """The fusion layer's attention: it attends over the tokens of every modality present."""
+        return [name for name, module in self.named_modules()
+                if name.startswith("fusion.") and isinstance(module, nn.MultiheadAttention)]
+
     def encode(self, modality: str, batch: dict) -> torch.Tensor:
         """Unit-length latents (B, latent_dim) of one modality on its own: its summary token's output."""
         tokens, mask = self._tokens(modality, batch)

@@ -185,6 +185,11 @@ class DualLoopModel(Family):
     def fuse(self, parts: dict[str, Tokens]) -> torch.Tensor:
         return F.normalize(self.projection(self.norm(self.fusion(parts))).float(), dim=-1)
 
+    def cross_modal_attention(self) -> list[str]:
+        """The fusion layer's attention: it attends over the tokens of every modality present."""
+        return [name for name, module in self.named_modules()
+                if name.startswith("fusion.") and isinstance(module, nn.MultiheadAttention)]
+
     def encode(self, modality: str, batch: dict) -> torch.Tensor:
         """Unit-length latents (B, latent_dim): the fusion of this one modality alone."""
         return self.fuse({modality: self.tokens(modality, batch)})
