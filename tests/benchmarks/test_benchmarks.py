@@ -35,6 +35,12 @@ def test_shard_benchmark_prints_its_ratio_to_tar(layout, tmp_path):
     assert_line(rf"^shard: {NUMBER} MB/s vs tar {NUMBER} MB/s, ratio {NUMBER}$", output)
 
 
+def test_attention_benchmark_prints_the_probes_cost(micro_shards, featurized_micro):
+    output = run_benchmark("attention", "--shards", micro_shards, "--features", featurized_micro(), "--steps", 2,
+                           "--every", 1, "--device", "cpu")
+    assert_line(rf"^mmn: {NUMBER} ms a step, probe {NUMBER} ms, every 1 steps: {NUMBER}% of a step", output)
+
+
 def test_featurize_benchmark_prints_both_end_to_end_ratios(micro_shards):
     output = run_benchmark("featurize", "--shards", micro_shards, "--device", "cpu")
     assert_line(rf"^image: end-to-end / model-only = {NUMBER}%$", output)

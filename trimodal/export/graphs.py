@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import io
 import json
 import logging
@@ -38,6 +37,7 @@ import torch
 from trimodal import __version__
 from trimodal.atomic import write_json
 from trimodal.errors import ConfigError, TrimodalError
+from trimodal.features.image import file_sha256
 from trimodal.progress import SILENT, Reporter
 from trimodal.storage import StoragePath, location, prepare_folder, storage_errors, write_bytes
 
@@ -120,7 +120,7 @@ def export_run(run: str, out: str, options: ExportOptions = ExportOptions(), *, 
         "format": FORMAT, "created_with": f"trimodal {__version__}", "opset": _opset(graph),
         "onnxruntime_checked": _onnxruntime_version(), "torch": torch.__version__,
         "run": str(folder.target), "checkpoint": options.checkpoint,
-        "checkpoint_sha256": _sha256(folder.local / checkpoint_name), "family": resolved["model"]["name"],
+        "checkpoint_sha256": file_sha256(folder.local / checkpoint_name), "family": resolved["model"]["name"],
         "store_config": sources.store.config, "inputs": {**{"image": "embedding", "text": "ids"}, **model.store_inputs()},
         "text_spec": sources.text_spec, "max_audio_frames": frames, "encoders": graphs,
         "not_exported": model.export_limits(),
@@ -278,14 +278,6 @@ def _onnxruntime_version() -> str:
     import onnxruntime
 
     return onnxruntime.__version__
-
-
-def _sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_manifest(folder: str | StoragePath) -> dict:

@@ -28,6 +28,7 @@ import numpy as np
 from trimodal import __version__
 from trimodal.atomic import write_json
 from trimodal.errors import ConfigError, TrimodalError
+from trimodal.features.image import file_sha256
 from trimodal.progress import SILENT, Reporter
 from trimodal.storage import StoragePath, location, prepare_folder, storage_errors, write_bytes
 
@@ -90,7 +91,7 @@ def build_index(run: str, out: str | None = None, options: IndexOptions = IndexO
     features = options.features or resolved["data"]["features"]
     sources = open_sources(shards, features, [options.split])
     sources.check(options.split)
-    checkpoint_sha = _sha256(folder.local / checkpoint_name)
+    checkpoint_sha = file_sha256(folder.local / checkpoint_name)
     exported = _exported_encoders(options.onnx, checkpoint_sha, options.checkpoint, sources) if options.onnx else None
     fingerprint = hashlib.sha256(json.dumps([FORMAT, checkpoint_sha, sources.store.fingerprint,
                                              json.loads(json.dumps(sources.store.config)), options.split,
@@ -266,14 +267,6 @@ def _read_json(path: StoragePath) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-
-
-def _sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_index_bytes(data: bytes):

@@ -77,7 +77,8 @@ class Optimization:
 
 
 def flatten(record: dict, prefix: str = "") -> dict[str, float]:
-    """{"levels": {"fast": {"updates": 3}}} -> {"levels/fast/updates": 3.0}: TensorBoard tags."""
+    """{"levels": {"fast": {"updates": 3}}} -> {"levels/fast/updates": 3.0}: TensorBoard (and wandb) tags; a
+    list of numbers is one tag per entry (`heads/x/0`, `heads/x/1`, …)."""
     flat = {}
     for key, value in record.items():
         tag = f"{prefix}{key}"
@@ -85,4 +86,6 @@ def flatten(record: dict, prefix: str = "") -> dict[str, float]:
             flat.update(flatten(value, tag + "/"))
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             flat[tag] = float(value)
+        elif isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            flat.update({f"{tag}/{i}": float(v) for i, v in enumerate(value)})  # e.g. one number per attention head
     return flat

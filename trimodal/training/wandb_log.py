@@ -19,6 +19,7 @@ import uuid
 from pathlib import Path
 
 from trimodal.errors import ConfigError
+from trimodal.training.optimization import flatten
 
 ID_FILE = "wandb-id.txt"
 OFFLINE_MODES = ("offline", "disabled", "dryrun")
@@ -71,7 +72,7 @@ class WandbLog:
                                settings=wandb.Settings(silent=True, console="off"))
 
     def record(self, record: dict) -> None:
-        values = {f"{record.get('type', 'record')}/{name}": value for name, value in _numbers(record).items()
+        values = {f"{record.get('type', 'record')}/{name}": value for name, value in flatten(record).items()
                   if name not in ("step", "epoch")}
         values["epoch"] = record.get("epoch")
         self._run.log({k: v for k, v in values.items() if v is not None}, step=int(record.get("step", 0)))
@@ -82,22 +83,8 @@ class WandbLog:
 
     def best(self, record: dict) -> None:
         """The best checkpoint's validation record, in the run's summary (`best/...`)."""
-        for name, value in _numbers(record).items():
+        for name, value in flatten(record).items():
             self._run.summary[f"best/{name}"] = value
 
     def close(self) -> None:
         self._run.finish()
-
-
-def _numbers(record: dict, prefix: str = "") -> dict[str, float]:
-    """Every number of a (nested) record, keyed `a/b/c`."""
-    found = {}
-    for key, value in record.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            found.update(_numbers(value, name + "/"))
-        elif isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-            found.update({f"{name}/{i}": v for i, v in enumerate(value)})  # e.g. one number per attention head
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            found[name] = value
-    return found
