@@ -1,4 +1,4 @@
-"""Attention heads during training, for every family with attention (`train.attention_every = N`).
+"""Attention heads during training, for every family with attention (`train.attention_every = N`, default 50).
 
 Every N optimizer steps rank 0 runs the model in eval mode, without gradients, on a fixed probe batch (the
 first `PROBE_ROWS` rows of the validation split) and records every attention its modules compute: the

@@ -78,6 +78,9 @@ class RunLog:
                 self._wandb.close()
 
 
+STEP_RECORDS = ("train", "attention")  # written during an epoch, at a step: kept up to the checkpoint's step
+
+
 def truncate_metrics(path: Path, epoch: int, step: int, epoch_done: bool) -> None:
     """Drop what an interrupted run logged after the checkpoint we resume from (at `step` of `epoch`, its end
     when `epoch_done`), a line cut short by a kill included."""
@@ -89,7 +92,7 @@ def truncate_metrics(path: Path, epoch: int, step: int, epoch_done: bool) -> Non
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if record["step"] <= step and (record["type"] == "train" or record["epoch"] < epoch or epoch_done):
+        if record["step"] <= step and (record["type"] in STEP_RECORDS or record["epoch"] < epoch or epoch_done):
             kept.append(record)
     write_jsonl(path, kept)
 
