@@ -1,10 +1,8 @@
 """Every registered family's encoders exported to ONNX and run on onnxruntime against torch, on the mini
-test split with random-init models: max |Δ| ≤ 1e-4 (fp32) and the same top-10 lists in every direction.
-A family added to the registry is tested here without editing this file."""
+test split with random-init models: max |Δ| ≤ 1e-4 (fp32) and, in every direction, top-10 lists that
+differ only by near-ties. A family added to the registry is tested here without editing this file."""
 
 from __future__ import annotations
-
-import hashlib
 
 import numpy as np
 import onnx
@@ -62,18 +60,14 @@ class _Sessions:
         return torch.from_numpy(latents)
 
 
-def _identities(data, modality: str) -> list:
-    """What makes two rows the same item: equal inputs (the mini split repeats some captions, and so their
-    spoken versions) encode to equal latents, whose order among themselves no ranking can decide."""
-    count = {"image": len(data.keys), "text": len(data.tokens), "audio": 0 if data.mels is None else len(data.mels)}
-    return [hashlib.sha1(b"".join(np.ascontiguousarray(value).tobytes() for value in vars(data.item(modality, i)).values()
-                                  if isinstance(value, np.ndarray))).hexdigest()
-            for i in range(count[modality])]
-
-
-def _top10(queries: torch.Tensor, candidates: torch.Tensor, identities: list) -> list[list]:
-    scores = queries @ candidates.T
-    return [[identities[j] for j in row] for row in scores.topk(10, dim=1).indices.tolist()]
+def _top10_as_torch_ranks(torch_scores: torch.Tensor, onnx_scores: torch.Tensor) -> int:
+    """How many queries' onnxruntime top-10 list is not one torch could give. Scores off by at most D
+    (measured) can swap two candidates only when their torch scores are within 2·D of each other: such
+    near-ties (and the mini split's repeated captions, exactly tied) may come in either order, nothing else."""
+    slack = 2 * float((torch_scores - onnx_scores).abs().max()) + 1e-7
+    expected = torch_scores.topk(10, dim=1).values
+    found = torch_scores.gather(1, onnx_scores.topk(10, dim=1).indices)
+    return int(((expected - found).abs() > slack).any(dim=1).sum())
 
 
 @pytest.mark.slow
@@ -104,11 +98,11 @@ def test_every_encoder_exports_and_onnxruntime_gives_torchs_latents_and_top10_li
         assert difference <= (1e-2 if quantised else TOLERANCE), (family, modality, difference)
     for query, candidate in DIRECTIONS:
         if query in torch_latents and candidate in torch_latents:
-            identities = _identities(data, candidate)
-            expected = _top10(torch_latents[query], torch_latents[candidate], identities)
-            found = _top10(onnx_latents[query], onnx_latents[candidate], identities)
-            same = sum(a == b for a, b in zip(expected, found))
-            assert same == len(expected), f"{family} {query}->{candidate}: {len(expected) - same} top-10 lists differ"
+            torch_scores = torch_latents[query] @ torch_latents[candidate].T
+            onnx_scores = onnx_latents[query] @ onnx_latents[candidate].T
+            assert float((torch_scores - onnx_scores).abs().max()) <= (5e-2 if quantised else 1e-3), (family, query)
+            differ = _top10_as_torch_ranks(torch_scores, onnx_scores)
+            assert differ == 0, f"{family} {query}->{candidate}: {differ} top-10 lists differ beyond near-ties"
 
 
 @pytest.mark.parametrize("family", FAMILIES)

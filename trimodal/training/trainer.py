@@ -373,8 +373,9 @@ def _attention_probe(settings: TrainConfig, sources, split: str | None, model: F
 
     if not settings.attention_every or split is None:
         return None
+    # Rank 0 alone probes, so it reads the rows as one process would, whatever the number of ranks.
     rows = TrimodalDataset(sources, split=split, modalities=settings.modalities, batch_size=PROBE_ROWS, shuffle=False,
-                           max_audio_frames=frames, inputs=model.store_inputs())
+                           max_audio_frames=frames, inputs=model.store_inputs(), rank=0, world_size=1)
     batch = next(iter(rows), None)
     return AttentionProbe(batch, settings.attention_every) if batch is not None else None
 
