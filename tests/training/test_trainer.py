@@ -42,6 +42,21 @@ def test_a_run_writes_checkpoints_metrics_plots_and_the_resolved_config(quick_ru
     assert [r["epoch"] for r in records if r["type"] == "val"] == [0, 1]
 
 
+def test_plots_redrawn_at_most_every_interval_still_end_with_every_epoch(mini_shards, mini_features, tmp_path,
+                                                                         monkeypatch):
+    from trimodal.training import plots, trainer
+
+    drawn = []
+    monkeypatch.setattr(trainer, "PLOT_EVERY_SECONDS", 3600.0)
+    monkeypatch.setattr(trainer, "plot_run", lambda run, family: drawn.append(
+        [r["epoch"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["type"] == "val"])
+        or plots.plot_run(run, family))
+    train(shipped_config("mmn-tiny"), mini_shards, mini_features, tmp_path / "run",
+          overrides=[*QUICK, "train.epochs=3"])
+    assert drawn == [[0], [0, 1, 2]]  # the first epoch's end, then the run's end (epochs 1 and 2 skipped)
+    assert (tmp_path / "run" / "plots" / "recalls.png").is_file()
+
+
 def test_a_non_empty_run_folder_is_refused(quick_run, mini_shards, mini_features):
     run, _ = quick_run
     with pytest.raises(TrimodalError, match="not empty; pass --resume .* or --overwrite"):

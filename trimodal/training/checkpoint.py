@@ -96,7 +96,9 @@ def save_checkpoint(folder: Path, model: torch.nn.Module, state: dict, *, keep: 
     if best:
         _link(weights, folder / "best.safetensors")
     _link(weights, folder / "last.safetensors")
-    save_state(folder / LAST_STATE, state)
+    # The same bytes as the step's state: linked, not serialised twice (that halved the ~0.3 s a tiny
+    # checkpoint's two states took on the 2-core CPU). Last, so it names weights already in place.
+    _link(folder / f"{name}.state.pt", folder / LAST_STATE)
     _prune(folder, keep, newest=weights.name)
 
 
