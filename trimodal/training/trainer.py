@@ -294,8 +294,10 @@ def _train(config: RunConfig, shards: Path, features: Path, folder: RunFolder, d
             if reason:
                 stopped = Stop(reason, epoch + 1, step, 0, batches)
                 break
-        if plot_clock.pending and stopped is None:  # a stop leaves them to the resumed run: it must be quick
-            distributed.on_main(lambda: _draw_plots(folder, model, log, probe, step), "writing plots")
+        if stopped is None:  # a stop leaves them to the resumed run: it must be quick
+            # Rank 0's clock alone decides: each rank's own could disagree, and on_main is a collective.
+            distributed.on_main(lambda: plot_clock.pending and _draw_plots(log, folder, model, probe, step),
+                                "writing plots")
     finally:
         log.close()
     distributed.on_main(folder.publish, "publishing the run")  # the last records and TensorBoard events
@@ -371,19 +373,15 @@ def _end_epoch(folder: RunFolder, model: Family, log: RunLog, record: dict, stat
         log.record({"epoch": record["epoch"], "step": record["step"], **extra})
     save_checkpoint(folder.local / CHECKPOINTS, model, state, keep=keep, best=improved)
     if draw:
-        log.images(_plots(folder, model, probe), record["step"])
+        _draw_plots(log, folder, model, probe, record["step"])
     if improved:
         log.best(record)
     folder.publish()
 
 
-def _plots(folder: RunFolder, model: Family, probe) -> list[Path]:
-    return plot_run(folder.local, model) + (probe.plot(folder.local / "plots") if probe is not None else [])
-
-
-def _draw_plots(folder: RunFolder, model: Family, log: RunLog, probe, step: int) -> None:
-    log.images(_plots(folder, model, probe), step)
-    folder.publish()
+def _draw_plots(log: RunLog, folder: RunFolder, model: Family, probe, step: int) -> None:
+    """The run's PNG plots (and the attention probe's) redrawn and logged at `step`; published with the run."""
+    log.images(plot_run(folder.local, model) + (probe.plot(folder.local / "plots") if probe is not None else []), step)
 
 
 class _PlotClock:
